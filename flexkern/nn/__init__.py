@@ -1,0 +1,3 @@
+from .moe import Experts, FlexMoE, Router
+
+__all__ = ["FlexMoE", "Router", "Experts"]

@@ -1,0 +1,192 @@
+"""FlexMoE: the MoE layer of FlexOlmo — router with an expert mask and bias, SwiGLU experts.
+
+Public contract (the merge tooling depends on these names and shapes):
+    router.weight       (E, D)   router rows; row 0 is the public expert
+    router.bias         (E,)     applied as min(b, 0) to experts 1..E-1; expert 0 gets no bias
+    experts.gate_proj   (E, F, D)
+    experts.up_proj     (E, F, D)
+    experts.down_proj   (E, D, F)    expert e: down(silu(gate x) * up x)
+    expert_mask         bool (E,) buffer, True = active; change it in place at any time
+    expert_frozen       bool (E,) buffer, True = no gradient reaches that expert or its router row
+    mask_mode           "reroute": masked experts leave the softmax (same as deleting them)
+                        "drop":    routing unchanged, slots that chose a masked expert add nothing
+    z_loss              router z-loss of the last forward, mean over tokens of logsumexp(logits)^2
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, num_experts: int, bias: bool, **factory):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_experts, **factory)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+
+
+class Experts(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, num_experts: int, **factory):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
+        for w in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(w, std=0.02)
+
+
+class FlexMoE(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        router_bias: bool = True,
+        renormalize: bool = False,
+        mask_mode: str = "reroute",
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if mask_mode not in ("reroute", "drop"):
+            raise ValueError(f"mask_mode must be 'reroute' or 'drop', got {mask_mode!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_ff, self.top_k = d_model, d_ff, top_k
+        self.renormalize, self.mask_mode, self.backend = renormalize, mask_mode, backend
+        self.router = Router(d_model, num_experts, router_bias, **factory)
+        self.experts = Experts(d_model, d_ff, num_experts, **factory)
+        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("expert_frozen", torch.zeros(num_experts, dtype=torch.bool, device=device), persistent=False)
+        self.z_loss: torch.Tensor | None = None
+        self._checked_mask_version = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.weight.shape[0]
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, renormalize={self.renormalize}, mask_mode={self.mask_mode!r}")
+
+    # ---- forward -------------------------------------------------------------------------------
+    def effective_bias(self) -> torch.Tensor | None:
+        """min(b, 0) for experts 1..E-1 and 0 for the public expert 0."""
+        b = self.router.bias
+        if b is None:
+            return None
+        return torch.cat([b.new_zeros(1), torch.clamp(b[1:], max=0)])
+
+    def _check_mask(self) -> None:
+        # Reading the mask costs one device-to-host copy, so it happens only after the mask changed,
+        # and never while compiling or capturing a CUDA graph.
+        if self.mask_mode != "reroute" or torch.compiler.is_compiling():
+            return
+        m = self.expert_mask
+        if m.is_cuda and torch.cuda.is_current_stream_capturing():
+            return
+        version = (m.data_ptr(), m._version)
+        if version == self._checked_mask_version:
+            return
+        active = int(m.sum())
+        if active < self.top_k:
+            raise ValueError(
+                f"expert_mask leaves {active} active experts, fewer than top_k={self.top_k} "
+                "(mask_mode='reroute' needs at least top_k)"
+            )
+        self._checked_mask_version = version
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FlexMoE expects a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"FlexMoE expects input (..., {self.d_model}), got shape {tuple(x.shape)}")
+        w = self.router.weight
+        if x.dtype != w.dtype:
+            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {w.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"input is on {x.device} but the layer is on {w.device}")
+        self._check_mask()
+        x_TD = x.reshape(-1, self.d_model)
+        frozen_E = self.expert_frozen
+        # Frozen router rows and biases see no gradient; the experts skip their dW work instead.
+        router_ED = torch.where(frozen_E[:, None], w.detach(), w)
+        bias_E = self.effective_bias()
+        if bias_E is not None:
+            bias_E = torch.where(frozen_E, bias_E.detach(), bias_E)
+        weights_TK, experts_TK, logits_TE = ops.route(
+            x_TD, router_ED, self.top_k, bias_E, self.expert_mask, self.mask_mode,
+            self.renormalize, self.backend,
+        )
+        if self.mask_mode == "reroute":
+            logits_TE = logits_TE.masked_fill(~self.expert_mask, float("-inf"))
+        self.z_loss = (torch.logsumexp(logits_TE, dim=-1) ** 2).mean() if x_TD.shape[0] else logits_TE.sum()
+        disp = ops.dispatch(experts_TK, self.num_experts, self.expert_mask, self.backend, validate=False)
+        y_TD = ops.experts_swiglu(
+            x_TD, self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj, disp,
+            weights_TK, frozen_E, self.backend,
+        )
+        return y_TD.view(x.shape)
+
+    # ---- growing and shrinking -----------------------------------------------------------------
+    def _replace(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+
+    @torch.no_grad()
+    def add_expert(self, gate_proj=None, up_proj=None, down_proj=None, router_row=None, bias=None) -> int:
+        """Append an expert (weights given, or freshly initialised). Returns its index.
+
+        Parameters are replaced by larger ones, so build optimizers after growing the layer.
+        """
+        E, D, Fw = self.num_experts, self.d_model, self.d_ff
+        ref = self.router.weight
+        factory = {"device": ref.device, "dtype": ref.dtype}
+
+        def new(value, shape):
+            if value is None:
+                return torch.randn(shape, **factory) * 0.02
+            value = torch.as_tensor(value)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"new expert tensor must have shape {shape}, got {tuple(value.shape)}")
+            return value.to(**factory)
+
+        parts = {
+            (self.experts, "gate_proj"): new(gate_proj, (Fw, D)),
+            (self.experts, "up_proj"): new(up_proj, (Fw, D)),
+            (self.experts, "down_proj"): new(down_proj, (D, Fw)),
+            (self.router, "weight"): new(router_row, (D,)),
+        }
+        if self.router.bias is not None:
+            parts[(self.router, "bias")] = new(0.0 if bias is None else bias, ())
+        for (module, name), value in parts.items():
+            self._replace(module, name, torch.cat([getattr(module, name), value[None]]))
+        self.expert_mask = torch.cat([self.expert_mask, self.expert_mask.new_ones(1)])
+        self.expert_frozen = torch.cat([self.expert_frozen, self.expert_frozen.new_zeros(1)])
+        return E
+
+    @torch.no_grad()
+    def remove_expert(self, index: int) -> None:
+        """Delete expert ``index`` from every per-expert tensor (the opt-out that writes a new model)."""
+        E = self.num_experts
+        if not isinstance(index, int) or not -E <= index < E:
+            raise ValueError(f"expert index must be in [0, {E}), got {index!r}")
+        index %= E
+        if E - 1 < self.top_k:
+            raise ValueError(f"cannot remove an expert: {E - 1} experts would be fewer than top_k={self.top_k}")
+        keep = [e for e in range(E) if e != index]
+        for module, name in ((self.experts, "gate_proj"), (self.experts, "up_proj"),
+                             (self.experts, "down_proj"), (self.router, "weight"), (self.router, "bias")):
+            if getattr(module, name) is not None:
+                self._replace(module, name, getattr(module, name)[keep])
+        self.expert_mask = self.expert_mask[keep].clone()
+        self.expert_frozen = self.expert_frozen[keep].clone()

@@ -1,0 +1,9 @@
+"""The MoE ops: route -> dispatch -> experts_swiglu. Each is a torch.library custom op with a
+plain-PyTorch reference (the CPU path and the test oracle) and optional fast backends."""
+from . import backend
+from .dispatch import Dispatch, dispatch, dispatch_ref
+from .experts import experts_bwd_ref, experts_fwd_ref, experts_swiglu
+from .route import route, route_ref
+
+__all__ = ["backend", "Dispatch", "dispatch", "dispatch_ref", "experts_swiglu", "experts_fwd_ref",
+           "experts_bwd_ref", "route", "route_ref"]

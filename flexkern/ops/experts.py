@@ -1,0 +1,223 @@
+"""experts_swiglu: grouped SwiGLU expert MLP over dispatched rows, with the weighted combine.
+
+Shapes: T tokens, D d_model, F expert width, E experts, K top-k, N = T*K row capacity.
+
+    for every routed row r of expert e (token t = token_of_row[r]):
+        h_r = silu(x_t @ w_gate[e]^T) * (x_t @ w_up[e]^T)          (F,)
+        o_r = h_r @ w_down[e]^T                                     (D,)
+    y_t = sum over the K slots of t that have a row: weights[t, k] * o_{row_of_slot[t, k]}
+
+The combine is a gather-sum over K (deterministic, no atomics). Experts with no rows (masked, or
+simply not chosen) are never read. The backward gives dx, d w_gate/w_up/w_down (zero, and not
+computed, for experts marked in ``frozen_E``) and d weights.
+
+The reference here works on any device: on the CPU it loops over the experts that have rows; on
+CUDA it stays free of host synchronisation by running every expert over all N rows and selecting
+(an oracle, E times the work — the Triton backend is the fast path there).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backend as _backend
+from .checks import FLOAT_DTYPES, check_shape, check_tensor
+from .dispatch import Dispatch
+from .route import compute_dtype
+
+
+class _Rows:
+    """The rows of one expert: an index on the CPU, a row mask over all N rows on CUDA."""
+
+    def __init__(self, index=None, select_N=None):
+        self.index, self.select_N = index, select_N
+
+    def take(self, src_N):
+        if self.index is not None:
+            return src_N[self.index]
+        return torch.where(self.select_N[:, None], src_N, 0)
+
+    def put(self, dst_N, val):
+        if self.index is not None:
+            dst_N[self.index] = val
+            return dst_N
+        return torch.where(self.select_N[:, None], val, dst_N)
+
+    def zero_outside(self, val):
+        return val if self.index is not None else torch.where(self.select_N[:, None], val, 0)
+
+
+def _expert_rows(offsets_E1, N):
+    """Yield (e, _Rows) for the experts that can have rows."""
+    E = offsets_E1.shape[0] - 1
+    if offsets_E1.device.type == "cpu":
+        offs = offsets_E1.tolist()
+        for e in range(E):
+            if offs[e + 1] > offs[e]:
+                yield e, _Rows(index=torch.arange(offs[e], offs[e + 1]))
+    else:
+        r_N = torch.arange(N, device=offsets_E1.device)
+        for e in range(E):
+            yield e, _Rows(select_N=(r_N >= offsets_E1[e]) & (r_N < offsets_E1[e + 1]))
+
+
+def _gather_x(x_TD, token_of_row_N):
+    return x_TD[token_of_row_N.clamp_min(0).long()]
+
+
+def _combine(o_ND, row_of_slot_TK, weights_TK, out_dtype):
+    cd = compute_dtype(out_dtype)
+    valid_TK1 = (row_of_slot_TK >= 0)[..., None]
+    o_TKD = torch.where(valid_TK1, o_ND[row_of_slot_TK.clamp_min(0).long()].to(cd), 0)
+    return (o_TKD * weights_TK.to(cd)[..., None]).sum(1).to(out_dtype)
+
+
+def experts_fwd_ref(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
+                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E):
+    N, D = token_of_row_N.shape[0], x_TD.shape[1]
+    x_ND = _gather_x(x_TD, token_of_row_N)
+    o_ND = x_TD.new_zeros((N, D))
+    for e, rows in _expert_rows(offsets_E1, N):
+        x_rD = rows.take(x_ND)
+        h_rF = F.silu(x_rD @ w_gate_EFD[e].t()) * (x_rD @ w_up_EFD[e].t())
+        o_ND = rows.put(o_ND, h_rF @ w_down_EDF[e].t())
+    return _combine(o_ND, row_of_slot_TK, weights_TK, x_TD.dtype)
+
+
+def experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
+                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E):
+    """Returns (dx_TD, d_w_gate, d_w_up, d_w_down, d_weights_TK)."""
+    dt, cd = x_TD.dtype, compute_dtype(x_TD.dtype)
+    N, (T, K), D = token_of_row_N.shape[0], row_of_slot_TK.shape, x_TD.shape[1]
+    used_N1 = (slot_of_row_N >= 0)[:, None]
+    x_ND = _gather_x(x_TD, token_of_row_N)
+    # d o_r = weights[slot(r)] * dy[token(r)]
+    w_N = weights_TK.reshape(-1)[slot_of_row_N.clamp_min(0).long()].to(cd)
+    do_ND = torch.where(used_N1, dy_TD[token_of_row_N.clamp_min(0).long()].to(cd) * w_N[:, None], 0).to(dt)
+    o_ND = x_TD.new_zeros((N, D))
+    dx_ND = x_TD.new_zeros((N, D))
+    d_gate, d_up, d_down = (torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
+    frozen = frozen_E.tolist() if frozen_E is not None and frozen_E.device.type == "cpu" else None
+    for e, rows in _expert_rows(offsets_E1, N):
+        x_rD, do_rD = rows.take(x_ND), rows.take(do_ND)
+        g_rF = (x_rD @ w_gate_EFD[e].t()).to(cd)
+        u_rF = (x_rD @ w_up_EFD[e].t()).to(cd)
+        sig = torch.sigmoid(g_rF)
+        silu_rF = g_rF * sig
+        h_rF = rows.zero_outside((silu_rF * u_rF).to(dt))
+        o_ND = rows.put(o_ND, h_rF @ w_down_EDF[e].t())
+        dh_rF = (do_rD @ w_down_EDF[e]).to(cd)
+        dg_rF = rows.zero_outside((dh_rF * u_rF * sig * (1 + g_rF * (1 - sig))).to(dt))
+        du_rF = rows.zero_outside((dh_rF * silu_rF).to(dt))
+        dx_ND = rows.put(dx_ND, dg_rF @ w_gate_EFD[e] + du_rF @ w_up_EFD[e])
+        if frozen is not None and frozen[e]:
+            continue  # frozen expert: no weight-gradient work at all
+        d_down[e] = (do_rD.t().to(cd) @ h_rF.to(cd)).to(dt)
+        d_gate[e] = (dg_rF.t().to(cd) @ x_rD.to(cd)).to(dt)
+        d_up[e] = (du_rF.t().to(cd) @ x_rD.to(cd)).to(dt)
+    if frozen_E is not None and frozen is None:  # CUDA: select instead of skipping
+        keep = ~frozen_E[:, None, None]
+        d_gate, d_up, d_down = (torch.where(keep, d, 0) for d in (d_gate, d_up, d_down))
+    valid_TK = row_of_slot_TK >= 0
+    rows_TK = row_of_slot_TK.clamp_min(0).long()
+    dy_T1D = dy_TD.to(cd)[:, None, :]
+    d_weights_TK = torch.where(valid_TK, (o_ND[rows_TK].to(cd) * dy_T1D).sum(-1), 0)
+    dx_TD = torch.where(valid_TK[..., None], dx_ND[rows_TK].to(cd), 0).sum(1).to(dt)
+    return dx_TD, d_gate, d_up, d_down, d_weights_TK.to(weights_TK.dtype)
+
+
+_backend.register("experts_swiglu", "reference", experts_fwd_ref)
+_backend.register("experts_swiglu_backward", "reference", experts_bwd_ref)
+
+
+@torch.library.custom_op("flexkern::experts_swiglu", mutates_args=())
+def _experts_op(
+    x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
+    offsets_E1: torch.Tensor, token_of_row_N: torch.Tensor, slot_of_row_N: torch.Tensor,
+    row_of_slot_TK: torch.Tensor, weights_TK: torch.Tensor, frozen_E: torch.Tensor | None, backend: str,
+) -> torch.Tensor:
+    _, fn = _backend.lookup("experts_swiglu", backend, x_TD.device)
+    return fn(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
+              row_of_slot_TK, weights_TK, frozen_E)
+
+
+@_experts_op.register_fake
+def _(x_TD, *args):
+    return torch.empty_like(x_TD)
+
+
+@torch.library.custom_op("flexkern::experts_swiglu_backward", mutates_args=())
+def _experts_bwd_op(
+    dy_TD: torch.Tensor, x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor, offsets_E1: torch.Tensor, token_of_row_N: torch.Tensor,
+    slot_of_row_N: torch.Tensor, row_of_slot_TK: torch.Tensor, weights_TK: torch.Tensor,
+    frozen_E: torch.Tensor | None, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, fn = _backend.lookup("experts_swiglu_backward", backend, x_TD.device)
+    return fn(dy_TD.contiguous(), x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
+              token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E)
+
+
+@_experts_bwd_op.register_fake
+def _(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
+      row_of_slot_TK, weights_TK, frozen_E, backend):
+    return (torch.empty_like(x_TD), torch.empty_like(w_gate_EFD), torch.empty_like(w_up_EFD),
+            torch.empty_like(w_down_EDF), torch.empty_like(weights_TK))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.backend = inputs[10]
+
+
+def _backward(ctx, dy_TD):
+    saved = ctx.saved_tensors
+    dx, d_gate, d_up, d_down, d_weights = _experts_bwd_op(dy_TD, *saved, ctx.backend)
+    return dx, d_gate, d_up, d_down, None, None, None, None, d_weights, None, None
+
+
+_experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def experts_swiglu(
+    x_TD: torch.Tensor,
+    w_gate_EFD: torch.Tensor,
+    w_up_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    dispatch: Dispatch,
+    weights_TK: torch.Tensor,
+    frozen_E: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Grouped SwiGLU experts with the router-weighted combine. Returns y_TD in x's dtype.
+
+    ``frozen_E`` (bool, E) marks experts whose weight gradients are not wanted: the backward
+    returns zeros for them without computing anything.
+    """
+    check_tensor("x", x_TD, ndim=2, dtypes=FLOAT_DTYPES)
+    dev, dt = x_TD.device, x_TD.dtype
+    T, D = x_TD.shape
+    for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
+        check_tensor(name, w, ndim=3, dtypes=(dt,), device=dev)
+    E, Fw, Dw = w_gate_EFD.shape
+    if Dw != D:
+        raise ValueError(f"w_gate has width {Dw} but x has width {D}")
+    check_shape("w_up", w_up_EFD, (E, Fw, D))
+    check_shape("w_down", w_down_EDF, (E, D, Fw))
+    if not isinstance(dispatch, Dispatch):
+        raise TypeError(f"dispatch must be a flexkern.Dispatch, got {type(dispatch).__name__}")
+    check_tensor("weights", weights_TK, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    K = weights_TK.shape[1]
+    check_shape("weights", weights_TK, (T, K))
+    check_shape("dispatch.offsets_E1", dispatch.offsets_E1, (E + 1,))
+    check_shape("dispatch.row_of_slot_TK", dispatch.row_of_slot_TK, (T, K))
+    check_shape("dispatch.token_of_row_N", dispatch.token_of_row_N, (T * K,))
+    for name, t in zip(("offsets_E1", "token_of_row_N", "slot_of_row_N", "row_of_slot_TK"), dispatch.tensors()):
+        check_tensor(f"dispatch.{name}", t, device=dev)
+    if frozen_E is not None:
+        check_tensor("frozen", frozen_E, ndim=1, dtypes=(torch.bool,), device=dev)
+        check_shape("frozen", frozen_E, (E,))
+    return _experts_op(
+        x_TD.contiguous(), w_gate_EFD.contiguous(), w_up_EFD.contiguous(), w_down_EDF.contiguous(),
+        *dispatch.tensors(), weights_TK.contiguous(), frozen_E, _backend.requested(backend),
+    )
