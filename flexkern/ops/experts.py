@@ -47,10 +47,14 @@ class _Rows:
         return val if self.index is not None else torch.where(self.select_N[:, None], val, 0)
 
 
-def _expert_rows(offsets_E1, N):
+def _sync_free(offsets_E1, sync_free):
+    return offsets_E1.device.type != "cpu" if sync_free is None else sync_free
+
+
+def _expert_rows(offsets_E1, N, sync_free):
     """Yield (e, _Rows) for the experts that can have rows."""
     E = offsets_E1.shape[0] - 1
-    if offsets_E1.device.type == "cpu":
+    if not sync_free:
         offs = offsets_E1.tolist()
         for e in range(E):
             if offs[e + 1] > offs[e]:
@@ -73,11 +77,13 @@ def _combine(o_ND, row_of_slot_TK, weights_TK, out_dtype):
 
 
 def experts_fwd_ref(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E):
+                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
+    """Reference forward. ``sync_free`` picks the loop (False) or the select-over-all-rows (True)
+    formulation; by default the loop on the CPU and select on CUDA."""
     N, D = token_of_row_N.shape[0], x_TD.shape[1]
     x_ND = _gather_x(x_TD, token_of_row_N)
     o_ND = x_TD.new_zeros((N, D))
-    for e, rows in _expert_rows(offsets_E1, N):
+    for e, rows in _expert_rows(offsets_E1, N, _sync_free(offsets_E1, sync_free)):
         x_rD = rows.take(x_ND)
         h_rF = F.silu(x_rD @ w_gate_EFD[e].t()) * (x_rD @ w_up_EFD[e].t())
         o_ND = rows.put(o_ND, h_rF @ w_down_EDF[e].t())
@@ -85,8 +91,9 @@ def experts_fwd_ref(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of
 
 
 def experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E):
+                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
     """Returns (dx_TD, d_w_gate, d_w_up, d_w_down, d_weights_TK)."""
+    sync_free = _sync_free(offsets_E1, sync_free)
     dt, cd = x_TD.dtype, compute_dtype(x_TD.dtype)
     N, (T, K), D = token_of_row_N.shape[0], row_of_slot_TK.shape, x_TD.shape[1]
     used_N1 = (slot_of_row_N >= 0)[:, None]
@@ -97,8 +104,8 @@ def experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, t
     o_ND = x_TD.new_zeros((N, D))
     dx_ND = x_TD.new_zeros((N, D))
     d_gate, d_up, d_down = (torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
-    frozen = frozen_E.tolist() if frozen_E is not None and frozen_E.device.type == "cpu" else None
-    for e, rows in _expert_rows(offsets_E1, N):
+    frozen = frozen_E.tolist() if frozen_E is not None and not sync_free else None
+    for e, rows in _expert_rows(offsets_E1, N, sync_free):
         x_rD, do_rD = rows.take(x_ND), rows.take(do_ND)
         g_rF = (x_rD @ w_gate_EFD[e].t()).to(cd)
         u_rF = (x_rD @ w_up_EFD[e].t()).to(cd)
