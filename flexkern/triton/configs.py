@@ -1,0 +1,126 @@
+"""Launch configurations of the Triton expert kernels: one table per GPU family, one place.
+
+Each kernel of the forward/backward gets a TileConfig. ``pick`` chooses the table from the device
+(compute capability; the interpreter has its own small-tile table) and the row regime from shapes
+only — the average rows per expert T*K/E — so nothing is read from the device:
+
+    decode   (<= 32 rows per expert)   BLOCK_M = 16: the weights dominate, keep the row tile small
+    medium   (<= 128)                  BLOCK_M = 64
+    large    (> 128)                   BLOCK_M = 128, Hopper-sized tiles
+
+Shared memory per stage is (BLOCK_M + gemm_operands * BLOCK_N) * BLOCK_K * 2 bytes; every Hopper
+entry stays under ~170 KB of the 227 KB available, Ampere under ~150 KB of 163 KB, and the
+"default" family (any other GPU, including 100 KB consumer parts) under ~64 KB. A launch that still
+runs out of resources falls back to SAFE (see ops.py).
+
+Autotuning is not used: the grids depend on T*K only through a shape bound, a tuning pass would
+have to run outside CUDA-graph capture, and the interpreter must never tune.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """block_m: rows (tokens); block_n: output columns; block_k: reduction. For wgrad these are
+    (P, Q, rows) of the per-expert weight tile; for the combine (tokens, d_model columns, -)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    group_m: int = 8
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    gate_up: TileConfig     # forward: x -> h (two weights, SwiGLU epilogue)
+    down: TileConfig        # forward: h -> o
+    recompute: TileConfig   # backward: g, u, dy w_down -> h, dg, du (three accumulators)
+    dx: TileConfig          # backward: dg, du -> dx rows (two operand pairs)
+    wgrad: TileConfig       # backward: per-expert dW (P, Q, rows)
+    combine: TileConfig     # gather-sums over K (tokens, columns, -)
+
+
+_T = TileConfig
+SAFE = _T(32, 32, 32, num_warps=4, num_stages=1)
+
+_COMBINE = _T(4, 256, 1, num_warps=4)
+_TABLE: dict[tuple[str, str], ExpertsConfig] = {
+    # H100 / H200 (sm90): wide tiles, 8 warps, deep pipelines for the gathered loads.
+    ("hopper", "large"): ExpertsConfig(
+        gate_up=_T(128, 128, 64, 8, 3), down=_T(128, 128, 64, 8, 4), recompute=_T(128, 64, 32, 8, 4),
+        dx=_T(128, 128, 32, 8, 4), wgrad=_T(128, 128, 64, 8, 3), combine=_COMBINE),
+    ("hopper", "medium"): ExpertsConfig(
+        gate_up=_T(64, 128, 64, 4, 3), down=_T(64, 128, 64, 4, 4), recompute=_T(64, 64, 64, 4, 3),
+        dx=_T(64, 128, 64, 4, 3), wgrad=_T(128, 128, 64, 8, 3), combine=_COMBINE),
+    ("hopper", "decode"): ExpertsConfig(
+        gate_up=_T(16, 64, 128, 4, 3), down=_T(16, 64, 128, 4, 3), recompute=_T(16, 64, 64, 4, 3),
+        dx=_T(16, 64, 64, 4, 3), wgrad=_T(64, 64, 32, 4, 3), combine=_COMBINE),
+    # A100 (sm80): same shapes, fewer stages.
+    ("ampere", "large"): ExpertsConfig(
+        gate_up=_T(128, 128, 32, 8, 3), down=_T(128, 128, 32, 8, 3), recompute=_T(128, 64, 32, 8, 3),
+        dx=_T(128, 128, 32, 8, 2), wgrad=_T(128, 128, 32, 8, 3), combine=_COMBINE),
+    ("ampere", "medium"): ExpertsConfig(
+        gate_up=_T(64, 128, 32, 4, 3), down=_T(64, 128, 32, 4, 3), recompute=_T(64, 64, 32, 4, 3),
+        dx=_T(64, 128, 32, 4, 3), wgrad=_T(64, 128, 32, 4, 3), combine=_COMBINE),
+    ("ampere", "decode"): ExpertsConfig(
+        gate_up=_T(16, 64, 64, 4, 3), down=_T(16, 64, 64, 4, 3), recompute=_T(16, 64, 64, 4, 2),
+        dx=_T(16, 64, 64, 4, 2), wgrad=_T(64, 64, 32, 4, 3), combine=_COMBINE),
+}
+_DEFAULT = ExpertsConfig(  # any other GPU: small shared memory footprint
+    gate_up=_T(64, 64, 32, 4, 2), down=_T(64, 64, 32, 4, 2), recompute=_T(64, 32, 32, 4, 2),
+    dx=_T(64, 64, 32, 4, 2), wgrad=_T(64, 64, 32, 4, 2), combine=_COMBINE)
+_DEFAULT_DECODE = ExpertsConfig(
+    gate_up=_T(16, 64, 32, 4, 2), down=_T(16, 64, 32, 4, 2), recompute=_T(16, 32, 32, 4, 2),
+    dx=_T(16, 64, 32, 4, 2), wgrad=_T(32, 32, 32, 4, 2), combine=_COMBINE)
+# The interpreter runs each program in numpy: small tiles exercise the ragged edges of small
+# test shapes (several row tiles per expert, several K steps).
+_INTERPRETER = ExpertsConfig(
+    gate_up=_T(16, 16, 16, 1, 1, 2), down=_T(16, 16, 16, 1, 1, 2), recompute=_T(16, 16, 16, 1, 1, 2),
+    dx=_T(16, 16, 16, 1, 1, 2), wgrad=_T(16, 16, 16, 1, 1), combine=_T(4, 16, 1, 1, 1))
+
+
+def max_row_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of sum_e ceil(rows_e / block_m) over experts, given sum_e rows_e <= num_rows.
+
+    Each expert with rows wastes less than one tile, and at most min(E, num_rows) experts have rows.
+    """
+    return min(num_rows, num_rows // block_m + num_experts)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def family(device: torch.device) -> str:
+    """"hopper", "ampere", "default", or "interpreter"."""
+    if device.type != "cuda" or interpreting():
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major == 9:
+        return "hopper"
+    if (major, minor) == (8, 0):
+        return "ampere"
+    return "default"
+
+
+def regime(num_rows: int, num_experts: int) -> str:
+    per_expert = num_rows / max(num_experts, 1)
+    return "decode" if per_expert <= 32 else "medium" if per_expert <= 128 else "large"
+
+
+def pick(device: torch.device, num_rows: int, num_experts: int) -> ExpertsConfig:
+    """The configuration for N = T*K row capacity over E experts on ``device`` (shapes only)."""
+    fam = family(device)
+    if fam == "interpreter":
+        return _INTERPRETER
+    reg = regime(num_rows, num_experts)
+    if fam == "default":
+        return _DEFAULT_DECODE if reg == "decode" else _DEFAULT
+    return _TABLE[(fam, reg)]

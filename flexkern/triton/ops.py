@@ -1,0 +1,204 @@
+"""Triton backend of experts_swiglu: buffers, launches, and the two registered functions.
+
+Forward (three launches, no host synchronisation, every buffer sized by shapes only):
+    h_NF = silu(x[token] w_gate^T) * (x[token] w_up^T)      grouped_gemm MODE_SWIGLU, gathered x
+    o_ND = h_NF w_down^T                                    grouped_gemm MODE_PLAIN
+    y_TD = sum_k weights[t, k] o[row_of_slot[t, k]]         gather_sum (fp32, no atomics)
+Backward (six launches):
+    h, dg, du, partial d weights                            recompute_kernel (h recomputed, not saved)
+    d w_down = (weights dy[token])^T h                      wgrad_kernel
+    dx_ND = dg w_gate + du w_up;  dx_TD = sum_k dx rows     grouped_gemm MODE_DUAL + gather_sum
+    d weights = sum over F tiles of the partials            slot_sum_kernel
+    d w_gate, d w_up = dg^T x[token], du^T x[token]         wgrad_kernel (frozen experts: zeros only)
+
+Setting FLEXKERN_TRITON_POISON=1 fills every buffer with NaN before the kernels write it (tests).
+float64 inputs go to the reference (tl.dot has no float64 path).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources, PTXASError
+
+from ..ops.experts import experts_bwd_ref, experts_fwd_ref
+from .configs import SAFE, TileConfig, max_row_tiles, pick
+
+# Kernels are built by triton.jit when their modules are imported, and triton.jit reads
+# TRITON_INTERPRET at that moment; importing them at first use lets a test process choose.
+_POISON_ENV = "FLEXKERN_TRITON_POISON"
+# (kernel, config) pairs that did not fit this GPU's shared memory/registers: use SAFE instead.
+_DID_NOT_FIT: set[tuple[str, TileConfig]] = set()
+
+
+def _kernels():
+    from . import combine, grouped_backward, grouped_gemm
+    return grouped_gemm, grouped_backward, combine
+
+
+def _buffer(shape, dtype, device) -> torch.Tensor:
+    if os.environ.get(_POISON_ENV) == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Full fp32 products for fp32 inputs (like torch's default matmul); tensor cores otherwise.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_e(E: int) -> int:
+    return max(16, triton.next_power_of_2(E))
+
+
+def _run(name: str, launch, cfg: TileConfig):
+    """launch(cfg), or launch(SAFE) when cfg does not fit the device (remembered per process)."""
+    if (name, cfg) in _DID_NOT_FIT:
+        return launch(SAFE)
+    try:
+        return launch(cfg)
+    except (OutOfResources, PTXASError) as exc:
+        _DID_NOT_FIT.add((name, cfg))
+        warnings.warn(f"flexkern.triton: {name} config {cfg} does not fit this GPU ({exc}); using {SAFE}")
+        return launch(SAFE)
+
+
+def _grouped_gemm(a, a2, b, b2, c, offsets_E1, token_of_row_N, *, k, n_out, stride_be, stride_bk,
+                  stride_bn, gather_a, mode, cfg):
+    """c[rows of e] = epilogue(a[rows] @ B[e]); B[e][kk, n] at b + e*stride_be + kk*stride_bk + n*stride_bn."""
+    gg, _, _ = _kernels()
+    N, E = c.shape[0], offsets_E1.shape[0] - 1
+
+    def launch(cf):
+        num_m, num_n = max_row_tiles(N, E, cf.block_m), triton.cdiv(n_out, cf.block_n)
+        gg.grouped_gemm_kernel[(num_m * num_n,)](
+            a, a if a2 is None else a2, b, b if b2 is None else b2, c, offsets_E1, token_of_row_N,
+            k, n_out, E, num_m, num_n, a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
+            GATHER_A=gather_a, MODE=mode, PRECISION=_precision(a.dtype),
+            BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k, BLOCK_E=_block_e(E),
+            GROUP_M=cf.group_m, num_warps=cf.num_warps, num_stages=cf.num_stages)
+
+    _run(f"grouped_gemm{mode}", launch, cfg)
+
+
+def _gather_sum(src_ND, row_of_slot_TK, scale_TK, out_TD, cfg):
+    _, _, cb = _kernels()
+    (T, K), D = row_of_slot_TK.shape, out_TD.shape[1]
+    grid = (triton.cdiv(T, cfg.block_m), triton.cdiv(D, cfg.block_n))
+    cb.gather_sum_kernel[grid](
+        src_ND, row_of_slot_TK, src_ND if scale_TK is None else scale_TK, out_TD, T, D, K,
+        HAS_SCALE=scale_TK is not None, BLOCK_T=cfg.block_m, BLOCK_D=cfg.block_n,
+        num_warps=cfg.num_warps)
+
+
+def _wgrad(a, a2, b, out, out2, offsets_E1, token_of_row_N, slot_of_row_N, weights_TK, frozen_E,
+           *, a_by_token, b_by_token, cfg):
+    """out[e] = a[rows(e)]^T b[rows(e)] (and out2 with a2), zeros for frozen or empty experts."""
+    _, gb, _ = _kernels()
+    E, P, Q = out.shape
+    frozen = frozen_E.view(torch.uint8) if frozen_E is not None else offsets_E1
+
+    def launch(cf):
+        num_p, num_q = triton.cdiv(P, cf.block_m), triton.cdiv(Q, cf.block_n)
+        gb.wgrad_kernel[(num_p * num_q, E)](
+            a, a if a2 is None else a2, b, out, out if out2 is None else out2,
+            offsets_E1, token_of_row_N, slot_of_row_N, weights_TK, frozen, P, Q, num_q,
+            A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, TWO=a2 is not None,
+            HAS_FROZEN=frozen_E is not None, PRECISION=_precision(a.dtype),
+            BLOCK_P=cf.block_m, BLOCK_Q=cf.block_n, BLOCK_R=cf.block_k,
+            num_warps=cf.num_warps, num_stages=cf.num_stages)
+
+    _run(f"wgrad{int(a2 is not None)}", launch, cfg)
+
+
+def _check_sizes(D: int, F: int) -> None:
+    # Offsets inside one expert's weight matrix are 32-bit; rows, tokens and experts are 64-bit.
+    if D * F >= 2**31:
+        raise ValueError(f"one expert's weight has D*F = {D * F} >= 2^31 elements; not supported")
+
+
+def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
+                       slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
+    """Same contract as flexkern.ops.experts_fwd_ref; returns y_TD in x's dtype.
+
+    ``sync_free`` is accepted for signature parity: this path never synchronises."""
+    if x_TD.dtype == torch.float64:
+        return experts_fwd_ref(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
+                               slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E)
+    gg, _, _ = _kernels()
+    dev, dt = x_TD.device, x_TD.dtype
+    (T, D), (E, F, _), N = x_TD.shape, w_gate_EFD.shape, token_of_row_N.shape[0]
+    _check_sizes(D, F)
+    y_TD = _buffer((T, D), dt, dev)
+    if N == 0:
+        return y_TD
+    cfg = pick(dev, N, E)
+    x_TD, weights_TK = x_TD.contiguous(), weights_TK.contiguous()
+    h_NF = _buffer((N, F), dt, dev)
+    # w_gate[e] (F, D) read as B[kk over D, n over F]
+    _grouped_gemm(x_TD, None, w_gate_EFD, w_up_EFD, h_NF, offsets_E1, token_of_row_N, k=D, n_out=F,
+                  stride_be=F * D, stride_bk=1, stride_bn=D, gather_a=True, mode=gg.MODE_SWIGLU,
+                  cfg=cfg.gate_up)
+    o_ND = _buffer((N, D), dt, dev)
+    # w_down[e] (D, F) read as B[kk over F, n over D]
+    _grouped_gemm(h_NF, None, w_down_EDF, None, o_ND, offsets_E1, token_of_row_N, k=F, n_out=D,
+                  stride_be=D * F, stride_bk=1, stride_bn=F, gather_a=False, mode=gg.MODE_PLAIN,
+                  cfg=cfg.down)
+    del h_NF
+    _gather_sum(o_ND, row_of_slot_TK, weights_TK, y_TD, cfg.combine)
+    return y_TD
+
+
+def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
+                       slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
+    """Same contract as flexkern.ops.experts_bwd_ref:
+    returns (dx_TD, d_w_gate_EFD, d_w_up_EFD, d_w_down_EDF, d_weights_TK)."""
+    if x_TD.dtype == torch.float64:
+        return experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
+                               token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E)
+    gg, gb, cb = _kernels()
+    dev, dt = x_TD.device, x_TD.dtype
+    (T, D), (E, F, _), N = x_TD.shape, w_gate_EFD.shape, token_of_row_N.shape[0]
+    K = row_of_slot_TK.shape[1]
+    _check_sizes(D, F)
+    if N == 0:
+        zeros = [torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF)]
+        return (_buffer((T, D), dt, dev), *zeros, _buffer((T, K), weights_TK.dtype, dev))
+    cfg = pick(dev, N, E)
+    dy_TD, x_TD, weights_TK = dy_TD.to(dt).contiguous(), x_TD.contiguous(), weights_TK.contiguous()
+    h_NF, dg_NF, du_NF = (_buffer((N, F), dt, dev) for _ in range(3))
+    d_down = _buffer(w_down_EDF.shape, dt, dev)
+
+    def recompute(cf):
+        num_m, num_n = max_row_tiles(N, E, cf.block_m), triton.cdiv(F, cf.block_n)
+        part_PN = _buffer((num_n, N), torch.float32, dev)
+        gb.recompute_kernel[(num_m * num_n,)](
+            x_TD, dy_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, h_NF, dg_NF, du_NF, part_PN,
+            offsets_E1, token_of_row_N, slot_of_row_N, D, F, E, N, num_m, num_n,
+            PRECISION=_precision(dt), BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k,
+            BLOCK_E=_block_e(E), GROUP_M=cf.group_m, num_warps=cf.num_warps, num_stages=cf.num_stages)
+        return part_PN
+
+    part_PN = _run("recompute", recompute, cfg.recompute)
+    # d w_down[e] = sum_r (weights[slot] dy[token])_r^T h_r
+    _wgrad(dy_TD, None, h_NF, d_down, None, offsets_E1, token_of_row_N, slot_of_row_N, weights_TK,
+           frozen_E, a_by_token=True, b_by_token=False, cfg=cfg.wgrad)
+    del h_NF
+    d_weights_TK = _buffer((T, K), weights_TK.dtype, dev)
+    cb.slot_sum_kernel[(triton.cdiv(T * K, 256),)](
+        part_PN, row_of_slot_TK, d_weights_TK, T * K, N, part_PN.shape[0], BLOCK=256)
+    del part_PN
+    dx_ND = _buffer((N, D), dt, dev)
+    # w_gate[e] (F, D) read as B[kk over F, n over D]
+    _grouped_gemm(dg_NF, du_NF, w_gate_EFD, w_up_EFD, dx_ND, offsets_E1, token_of_row_N, k=F,
+                  n_out=D, stride_be=F * D, stride_bk=D, stride_bn=1, gather_a=False,
+                  mode=gg.MODE_DUAL, cfg=cfg.dx)
+    dx_TD = _buffer((T, D), dt, dev)
+    _gather_sum(dx_ND, row_of_slot_TK, None, dx_TD, cfg.combine)
+    del dx_ND
+    d_gate, d_up = _buffer(w_gate_EFD.shape, dt, dev), _buffer(w_up_EFD.shape, dt, dev)
+    _wgrad(dg_NF, du_NF, x_TD, d_gate, d_up, offsets_E1, token_of_row_N, slot_of_row_N, weights_TK,
+           frozen_E, a_by_token=False, b_by_token=True, cfg=cfg.wgrad)
+    return dx_TD, d_gate, d_up, d_down, d_weights_TK
