@@ -1,0 +1,97 @@
+"""Timing, CUDA-graph capture, peak memory and bandwidth measurement for the benchmarks.
+
+On CUDA: ``triton.testing.do_bench`` (warmup, L2 flush between calls, median). On the CPU: a
+wall-clock median over a few calls, for the smoke run only.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25,
+             rep_ms: float = 100, grad_to_none=None) -> float:
+    """Median milliseconds of one call of ``fn``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                              return_mode="median"))
+    times = []
+    fn()  # warm caches and lazy initialisation
+    budget_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < budget_end and len(times) < 50):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def capture_graph(fn: Callable[[], object], warmup_calls: int = 3) -> Callable[[], None]:
+    """Capture one call of ``fn`` into a CUDA graph and return its replay.
+
+    Raises whatever capture raises (for example a host synchronisation inside ``fn``)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device, grad_to_none=None) -> float | None:
+    """Peak CUDA memory allocated during one call, above what was allocated before it (MiB)."""
+    if device.type != "cuda":
+        return None
+    for t in grad_to_none or ():
+        t.grad = None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    for t in grad_to_none or ():
+        t.grad = None
+    return peak / 2**20
+
+
+def copy_bandwidth_Bps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth (bytes read + written per second)."""
+    if device.type != "cuda":
+        nbytes = 1 << 26
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), device, warmup_ms=10, rep_ms=50)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3)
+
+
+# Spec HBM bandwidth (bytes/s) by GPU name, for the decode floor next to the measured copy rate.
+_HBM_SPEC = {"H200": 4.8e12, "H100": 3.35e12, "H800": 3.35e12, "A100": 2.0e12, "B200": 8.0e12}
+
+
+def hbm_spec_Bps(gpu_name: str) -> float | None:
+    if "PCIe" in gpu_name or "NVL" in gpu_name:  # other memory systems under the same names
+        return None
+    for key, bw in _HBM_SPEC.items():
+        if key in gpu_name:
+            return bw
+    return None
