@@ -1,0 +1,223 @@
+"""Triton experts_swiglu kernels against the reference, forward and backward.
+
+Without a GPU the kernels run in the Triton interpreter (float32/float16, small awkward shapes:
+several row tiles per expert, ragged D/F edges); with one they run compiled on CUDA. Every buffer
+the kernels write is NaN-poisoned first (FLEXKERN_TRITON_POISON), and tolerances are relative to
+PyTorch's own error in the dtype: err(triton vs fp64) <= 2 err(torch in dtype vs fp64) + floor.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # triton.jit reads this when the kernels are built (at their first launch).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+pytest.importorskip("triton")
+
+import flexkern  # noqa: E402
+from flexkern.ops import backend, dispatch_ref, experts_bwd_ref, experts_fwd_ref  # noqa: E402
+
+# The interpreter turns 0-d arrays into loop bounds with a numpy deprecation warning (not ours).
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+
+
+def triton_fns():
+    if "triton" not in backend.available("experts_swiglu"):
+        pytest.skip("triton backend not registered")
+    return (backend.lookup("experts_swiglu", "triton", torch.device(DEVICE))[1],
+            backend.lookup("experts_swiglu_backward", "triton", torch.device(DEVICE))[1])
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("FLEXKERN_TRITON_POISON", "1")
+
+
+def make_case(T, D, F, E, K, experts_TK=None, mask_E=None, frozen_E=None, poison_unused=True):
+    """fp64 inputs on the CPU; weights of experts that receive no rows are NaN (never read)."""
+    if experts_TK is None:
+        experts_TK = (torch.stack([torch.randperm(E)[:K] for _ in range(T)]) if T
+                      else torch.empty(0, K, dtype=torch.long)).to(torch.int32)
+    d = flexkern.Dispatch(*dispatch_ref(experts_TK, E, mask_E))
+    x = torch.randn(T, D, dtype=torch.float64)
+    ws = [torch.randn(E, F, D, dtype=torch.float64) / D**0.5,
+          torch.randn(E, F, D, dtype=torch.float64) / D**0.5,
+          torch.randn(E, D, F, dtype=torch.float64) / F**0.5]
+    weights = torch.rand(T, K, dtype=torch.float32)
+    dy = torch.randn(T, D, dtype=torch.float64)
+    idle_E = (d.offsets_E1[1:] == d.offsets_E1[:-1])
+    return dict(x=x, ws=ws, d=d, weights=weights, dy=dy, frozen=frozen_E, idle=idle_E,
+                poison_unused=poison_unused)
+
+
+def run_both(case, dtype, with_backward=True):
+    """(triton outputs, torch-in-dtype outputs, fp64 outputs): (y,) or (y, dx, dWg, dWu, dWd, dw)."""
+    fwd, bwd = triton_fns()
+
+    def args(dt, dev, nan_idle):
+        ws = [w.to(dev, dt) for w in case["ws"]]
+        if nan_idle:  # experts without rows: weights must never be read
+            ws = [torch.where(case["idle"].to(dev)[:, None, None], float("nan"), w) for w in ws]
+        d = [t.to(dev) for t in case["d"].tensors()]
+        frozen = None if case["frozen"] is None else case["frozen"].to(dev)
+        return case["x"].to(dev, dt), ws, d, case["weights"].to(dev), frozen
+
+    out = []
+    for dt, dev, fns, nan_idle in ((dtype, DEVICE, (fwd, bwd), case["poison_unused"]),
+                                   (dtype, "cpu", (experts_fwd_ref, experts_bwd_ref), False),
+                                   (torch.float64, "cpu", (experts_fwd_ref, experts_bwd_ref), False)):
+        x, ws, d, w, frozen = args(dt, dev, nan_idle)
+        res = (fns[0](x, *ws, *d, w, frozen),)
+        if with_backward:
+            res += tuple(fns[1](case["dy"].to(dev, dt), x, *ws, *d, w, frozen))
+        out.append([r.detach().cpu() for r in res])
+    return out
+
+
+NAMES = ("y", "dx", "d_w_gate", "d_w_up", "d_w_down", "d_weights")
+
+
+def assert_relative(got, plain, ref, dtype, names=NAMES):
+    for name, g, p, r in zip(names, got, plain, ref):
+        assert g.shape == r.shape and g.dtype == p.dtype, (name, g.shape, g.dtype)
+        assert bool(torch.isfinite(g).all()), f"{name}: not finite (a buffer was left unwritten)"
+        if r.numel() == 0:
+            continue
+        scale = float(r.abs().max())
+        err = float((g.double() - r).abs().max())
+        base = float((p.double() - r).abs().max())
+        floor = 4 * torch.finfo(dtype).eps * scale + 1e-12
+        assert err <= 2 * base + floor, f"{name}: err {err:.3g} vs torch {base:.3g} (floor {floor:.3g})"
+
+
+def assert_zero_dw(got, experts):
+    for name, g in zip(NAMES[2:5], got[2:5]):
+        for e in experts:
+            assert bool((g[e] == 0).all()), f"{name}[{e}] should be exactly zero"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_awkward_shapes_random_routing(dtype):
+    case = make_case(T=19, D=40, F=48, E=5, K=2)
+    got, plain, ref = run_both(case, dtype)
+    assert_relative(got, plain, ref, dtype)
+    assert_zero_dw(got, torch.nonzero(case["idle"]).flatten().tolist())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_experts_drop_mode_never_read(dtype):
+    E = 6
+    mask = torch.ones(E, dtype=torch.bool)
+    mask[[1, 4]] = False
+    case = make_case(T=24, D=32, F=40, E=E, K=3, mask_E=mask)
+    assert bool(case["idle"][[1, 4]].all())  # their weights are NaN in the triton run
+    got, plain, ref = run_both(case, dtype)
+    assert_relative(got, plain, ref, dtype)
+    assert_zero_dw(got, [1, 4])
+    dropped = case["d"].row_of_slot_TK < 0
+    assert bool(dropped.any()) and bool((got[5][dropped] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_tokens_to_one_expert(dtype):
+    T, E = 21, 4  # 21 rows: two row tiles of one expert, three experts without rows
+    case = make_case(T=T, D=24, F=33, E=E, K=1, experts_TK=torch.full((T, 1), 2, dtype=torch.int32))
+    got, plain, ref = run_both(case, dtype)
+    assert_relative(got, plain, ref, dtype)
+    assert_zero_dw(got, [0, 1, 3])
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 3, 3), (13, 4, 4), (2, 6, 1)])
+def test_tiny_and_k_equals_e(T, E, K):
+    case = make_case(T=T, D=20, F=28, E=E, K=K)
+    got, plain, ref = run_both(case, torch.float32)
+    assert_relative(got, plain, ref, torch.float32)
+
+
+def test_zero_tokens():
+    case = make_case(T=0, D=16, F=24, E=3, K=2)
+    got, _, ref = run_both(case, torch.float32)
+    for name, g, r in zip(NAMES, got, ref):
+        assert g.shape == r.shape, name
+    assert_zero_dw(got, range(3))
+
+
+def test_every_expert_masked_gives_zeros():
+    E = 4
+    case = make_case(T=9, D=16, F=16, E=E, K=2, mask_E=torch.zeros(E, dtype=torch.bool))
+    got, _, _ = run_both(case, torch.float32)
+    for name, g in zip(NAMES, got):
+        assert bool((g == 0).all()), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_frozen_experts_get_zero_dw_others_exact(dtype):
+    E = 4
+    frozen = torch.tensor([True, False, True, False])
+    case = make_case(T=22, D=24, F=40, E=E, K=2, frozen_E=frozen)
+    assert not bool(case["idle"].any())  # frozen experts do have rows: only dW is skipped
+    got, plain, ref = run_both(case, dtype)
+    # the fp64 reference already zeroes frozen dW; dx and d weights still use frozen experts
+    assert_relative(got, plain, ref, dtype)
+    assert_zero_dw(got, [0, 2])
+    assert all(bool((g[[1, 3]] != 0).any()) for g in got[2:5])
+
+
+def test_public_op_autograd_matches_reference():
+    """flexkern.experts_swiglu(backend="triton") end to end through the custom op and autograd."""
+    triton_fns()
+    T, D, F, E, K = 17, 24, 32, 4, 2
+    mask = torch.tensor([True, True, False, True], device=DEVICE)
+    frozen = torch.tensor([False, True, False, False], device=DEVICE)
+    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(DEVICE, torch.int32)
+    d = flexkern.dispatch(experts, E, mask)
+    leaves = [torch.randn(T, D), torch.randn(E, F, D) / D**0.5, torch.randn(E, F, D) / D**0.5,
+              torch.randn(E, D, F) / F**0.5, torch.rand(T, K)]
+    dy = torch.randn(T, D, device=DEVICE)
+    grads = {}
+    for name in ("triton", "reference"):
+        ts = [t.to(DEVICE).requires_grad_() for t in leaves]
+        y = flexkern.experts_swiglu(*ts[:4], d, ts[4], frozen, backend=name)
+        y.backward(dy)
+        grads[name] = [y.detach()] + [t.grad for t in ts]
+    for a, b in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_poison_hook_fills_nan(monkeypatch):
+    from flexkern.triton import ops
+    assert bool(torch.isnan(ops._buffer((3,), torch.float32, "cpu")).all())
+    monkeypatch.delenv("FLEXKERN_TRITON_POISON")
+    assert ops._buffer((3,), torch.float32, "cpu").shape == (3,)
+
+
+@settings(max_examples=200, deadline=None)
+@given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=12), block_m=st.sampled_from([16, 64, 128]),
+       slack=st.integers(0, 50))
+def test_max_row_tiles_bounds_the_schedule(counts, block_m, slack):
+    from flexkern.triton.configs import max_row_tiles
+    needed = sum(-(-c // block_m) for c in counts)
+    assert needed <= max_row_tiles(sum(counts) + slack, len(counts), block_m)
+
+
+def test_import_error_without_triton(monkeypatch):
+    """flexkern.triton raises ImportError (never another error) when triton cannot be imported."""
+    saved = {k: v for k, v in sys.modules.items() if k == "flexkern.triton" or k.startswith("flexkern.triton.")}
+    for k in saved:
+        monkeypatch.delitem(sys.modules, k)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    try:
+        with pytest.raises(ImportError):
+            importlib.import_module("flexkern.triton")
+    finally:
+        monkeypatch.undo()
+        sys.modules.update(saved)
