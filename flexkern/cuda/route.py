@@ -1,0 +1,52 @@
+"""route on CUDA: logits by cuBLAS (torch), then one fused kernel for softmax, mask, top-k and
+renormalisation (csrc/route.cu). Same signature and results as ``flexkern.ops.route.route_ref``."""
+from __future__ import annotations
+
+import torch
+
+from flexkern import _C
+from flexkern.ops.route import route_ref, router_logits_ref
+
+from ._launch import device_and_stream, ptr
+
+_KERNEL_DTYPES = {torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
+
+
+def supports(num_experts: int, k: int, dtype: torch.dtype) -> bool:
+    """Sizes and dtypes the fused kernel covers; the rest runs the reference."""
+    return (num_experts <= _C.ROUTE_MAX_EXPERTS and k <= _C.ROUTE_MAX_TOP_K
+            and dtype != torch.float64)
+
+
+def route_topk(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bias_E=None,
+               lse_T=None, counts_E=None):
+    """Gate of precomputed logits: returns (weights_TK float32, experts_TK int32).
+
+    logits_TE: (T, E) float32/float16/bfloat16 CUDA; bias_E: (E,) float32 added first;
+    mask_E: (E,) bool; lse_T: optional (T,) float32 output, logsumexp of logits + bias (mask not
+    applied); counts_E: optional (E,) int32 output, incremented by the picks of each expert.
+    """
+    if logits_TE.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"route_topk takes float32/float16/bfloat16 logits, got {logits_TE.dtype}")
+    T, E = logits_TE.shape
+    logits_TE = logits_TE.contiguous()
+    bias_E = None if bias_E is None else bias_E.to(torch.float32).contiguous()
+    dev = logits_TE.device
+    weights_TK = torch.empty(T, k, dtype=torch.float32, device=dev)
+    experts_TK = torch.empty(T, k, dtype=torch.int32, device=dev)
+    mask_E = None if mask_E is None else mask_E.contiguous()
+    guard, stream = device_and_stream(logits_TE)
+    with guard:
+        _C.route_topk(ptr(logits_TE), _KERNEL_DTYPES[logits_TE.dtype], ptr(bias_E), ptr(mask_E),
+                      T, E, k, reroute, renormalize, ptr(weights_TK), ptr(experts_TK), ptr(lse_T),
+                      ptr(counts_E), stream)
+    return weights_TK, experts_TK
+
+
+def route_cuda(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False):
+    """Drop-in for ``route_ref``: returns (weights_TK, experts_TK int32, logits_TE)."""
+    if not supports(router_ED.shape[0], k, x_TD.dtype):
+        return route_ref(x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize)
+    logits_TE = router_logits_ref(x_TD, router_ED, bias_E)
+    weights_TK, experts_TK = route_topk(logits_TE, k, mask_E, reroute, renormalize)
+    return weights_TK, experts_TK, logits_TE
