@@ -178,6 +178,8 @@ def parse_args(argv):
     ap.add_argument("--shapes", help="comma-separated shape names (see benchmarks/shapes.py)")
     ap.add_argument("--backends", help="comma-separated paths: e.g. triton,auto,reference,loop,"
                     "torch_gmm,dense,peer:scattermoe (default: all available)")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="cpu forces the smoke run even where a GPU exists")
     ap.add_argument("--no-routing", action="store_true", help="skip the routing+dispatch benchmark")
     ap.add_argument("--budget-s", type=float, default=200.0,
                     help="stop starting new measurements after this many seconds")
@@ -186,7 +188,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
     # bf16 on the GPU; float32 on the CPU (the Triton interpreter computes bf16 wrongly).
     dtype = torch.bfloat16 if cuda else torch.float32

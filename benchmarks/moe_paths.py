@@ -51,12 +51,13 @@ class LayerInputs:
 
 
 def make_inputs(shape: MoEShape, device, dtype, seed: int = 0) -> LayerInputs:
-    """Random inputs scaled so every intermediate is O(1)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Random inputs scaled so every intermediate is O(1), drawn on the device (GBs at big shapes)."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*size, scale=1.0):
-        t = torch.randn(*size, generator=g, dtype=torch.float32) * scale
-        return t.to(device=device, dtype=dtype).requires_grad_(True)
+        t = torch.randn(*size, generator=g, device=device, dtype=dtype)
+        return t.mul_(scale).requires_grad_(True)
 
     T, D, Fw, E, K = shape.T, shape.D, shape.F, shape.E, shape.K
     mask = None
@@ -149,13 +150,13 @@ def _loop_build(inp: LayerInputs):
     def fwd():
         x_TD = inp.x_TD
         weights_TK, experts_TK = torch_route(x_TD, inp.router_ED, inp.K, inp.mask_E)
-        y_TD = torch.zeros_like(x_TD)
+        y_TD = torch.zeros_like(x_TD, requires_grad=False)
         for e in active:
             tok, slot = torch.where(experts_TK == e)  # host synchronisation per expert
             x_rD = x_TD[tok]
             h_rF = F.silu(x_rD @ inp.w_gate_EFD[e].t()) * (x_rD @ inp.w_up_EFD[e].t())
             o_rD = (h_rF @ inp.w_down_EDF[e].t()) * weights_TK[tok, slot, None].to(x_TD.dtype)
-            y_TD = y_TD.index_add(0, tok, o_rD)
+            y_TD.index_add_(0, tok, o_rD)
         return y_TD
 
     return fwd, inp.leaves
