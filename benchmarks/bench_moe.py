@@ -65,10 +65,11 @@ def touched_weight_bytes(inp: LayerInputs) -> int:
 
 
 class Runner:
-    def __init__(self, device, dtype, quick: bool, budget_s: float):
+    def __init__(self, device, dtype, quick: bool, budget_s: float, hbm_spec_Bps: float | None):
         self.device, self.dtype, self.quick = device, dtype, quick
         self.deadline = time.monotonic() + budget_s
         self.copy_Bps = timing.copy_bandwidth_Bps(device)
+        self.hbm_spec_Bps = hbm_spec_Bps
 
     def reps(self, flops: float) -> dict:
         if self.device.type != "cuda":
@@ -103,6 +104,8 @@ class Runner:
             nbytes = touched_weight_bytes(inp)
             floor_ms = nbytes / self.copy_Bps * 1e3
             base.update(touched_weight_bytes=nbytes, bw_floor_ms=floor_ms)
+            if self.hbm_spec_Bps:  # the same floor at the spec bandwidth (lower still)
+                base["hbm_spec_floor_ms"] = nbytes / self.hbm_spec_Bps * 1e3
         rows = []
         for mode in shape.modes:
             flops = shape.flops(mode)
@@ -201,10 +204,11 @@ def main(argv=None) -> int:
     todo = shapes.select(presets, args.shapes)
     paths, peer_status, dense = pick_paths(device, args.backends)
     meta = report.environment(device)
-    runner = Runner(device, dtype, args.quick, args.budget_s)
+    hbm = timing.hbm_spec_Bps(meta["gpu"]) if cuda else None
+    runner = Runner(device, dtype, args.quick, args.budget_s, hbm)
     meta.update(dtype=str(dtype).replace("torch.", ""), quick=args.quick, peers=peer_status,
                 copy_bandwidth_GBps=runner.copy_Bps / 1e9,
-                hbm_spec_GBps=(timing.hbm_spec_Bps(meta["gpu"]) or 0) / 1e9 if cuda else None,
+                hbm_spec_GBps=hbm / 1e9 if hbm else None,
                 paths={p.name: p.detail for p in paths},
                 flop_model={"fwd": "6*T*K*D*F", "fwd+bwd": "18*T*K*D*F"})
     print(f"device: {meta['gpu'] or 'cpu'}  torch {meta['torch']}  triton {meta['triton']}  "
