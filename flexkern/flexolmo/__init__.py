@@ -1,0 +1,14 @@
+"""FlexOlmo on flexkern: a public anchor model, independently trained owner experts, merge, opt-out.
+
+Map (each module one job; import them directly, nothing heavy is imported here):
+    model         FlexOlmoLM (OLMo-2-style decoder, dense FFN or FlexMoE), presets, fingerprint
+    data          the six example domains and owners' folders; train/held-out split
+    tokenizer     byte-level BPE trained on the public data
+    embed         domain embeddings for router rows (MiniLM or the anchor's hidden states)
+    train         train_anchor, train_expert (single process or torchrun/DDP, resumable)
+    package       expert packages NAME.flexpert/ (safetensors + manifest, verified)
+    merge         merge, load_model, opt_out, opt_in, mask_experts
+    checkpoint    atomic, hash-verified model directories and files
+    distributed   torchrun process-group set-up
+    router_tuning, evaluate, baselines, report, demo   evaluation side
+"""

@@ -1,0 +1,223 @@
+"""Merge: anchor + expert packages -> one n-expert FlexOlmo model; opt-out and opt-in.
+
+The merged model's MoE layer i has
+    experts  [public FFN (the anchor's dense FFN of layer i), owner_1 FFN, ..., owner_n FFN]
+    router   rows [r_pub; r_1; ...; r_n],  bias [0 (unused for expert 0); b_1; ...; b_n]
+and every shared tensor (embeddings, attention, norms, LM head) is the anchor's. No training.
+
+A package only fits when its anchor fingerprint, dense config and public router row are the
+anchor's; names must be unique, and the same expert cannot be merged twice. Anything else raises
+``MergeError`` naming the package and the problem.
+
+Opt-out two ways, with the same outputs: ``mask_experts`` (inference-time mask; the softmax skips
+the expert) or ``opt_out`` (a new checkpoint without the expert's weights).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (CheckpointError, TOKENIZER_FILE, read_model_dir, read_public_embedding,
+                         write_model_dir)
+from .model import FlexOlmoLM, ModelConfig, anchor_fingerprint, shared_state_dict, tensor_sha256
+from .package import PARTS, PackageError, check_name, load_package
+
+PUBLIC = "public"
+
+
+class MergeError(ValueError):
+    """Packages and models that cannot be combined (the message names the problem)."""
+
+
+# ---- expert tensors in package layout ------------------------------------------------------------------
+@torch.no_grad()
+def dense_expert_tensors(anchor: FlexOlmoLM, router_row_D: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The anchor's dense FFNs as one expert in package layout (bias 0)."""
+    if anchor.moe_layers():
+        raise ValueError("expected the dense anchor model")
+    out = {}
+    for i, block in enumerate(anchor.blocks):
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            out[f"layers.{i}.{p}"] = getattr(block.ffn, p).weight.detach().clone()
+        out[f"layers.{i}.router_row"] = router_row_D.detach().to(block.ffn.gate_proj.weight).clone()
+        out[f"layers.{i}.router_bias"] = torch.zeros((), dtype=block.ffn.gate_proj.weight.dtype)
+    return out
+
+
+@torch.no_grad()
+def expert_tensors(model: FlexOlmoLM, index: int) -> dict[str, torch.Tensor]:
+    """Expert ``index`` of an MoE model in package layout (CPU copies)."""
+    out = {}
+    for i, m in enumerate(model.moe_layers()):
+        out[f"layers.{i}.gate_proj"] = m.experts.gate_proj[index]
+        out[f"layers.{i}.up_proj"] = m.experts.up_proj[index]
+        out[f"layers.{i}.down_proj"] = m.experts.down_proj[index]
+        out[f"layers.{i}.router_row"] = m.router.weight[index]
+        out[f"layers.{i}.router_bias"] = m.router.bias[index]
+    if not out:
+        raise ValueError("expected an MoE model")
+    return {k: v.detach().cpu().clone() for k, v in out.items()}
+
+
+@torch.no_grad()
+def assemble(anchor: FlexOlmoLM, experts: list[dict[str, torch.Tensor]], top_k: int) -> FlexOlmoLM:
+    """MoE model with the anchor's shared weights and ``experts`` (package layout) in order."""
+    ref = anchor.lm_head.weight
+    model = FlexOlmoLM(anchor.config.dense().with_experts(len(experts), top_k)).to(ref.device, ref.dtype)
+    result = model.load_state_dict(shared_state_dict(anchor), strict=False)
+    if result.unexpected_keys:
+        raise MergeError(f"anchor has unexpected tensors {result.unexpected_keys[:4]}")
+    for i, m in enumerate(model.moe_layers()):
+        def stack(part):
+            return torch.stack([e[f"layers.{i}.{part}"].to(ref.device, ref.dtype) for e in experts])
+        m.experts.gate_proj.copy_(stack("gate_proj"))
+        m.experts.up_proj.copy_(stack("up_proj"))
+        m.experts.down_proj.copy_(stack("down_proj"))
+        m.router.weight.copy_(stack("router_row"))
+        m.router.bias.copy_(stack("router_bias"))
+        m.router.bias[0] = 0.0  # the public expert has no bias
+    return model
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def load_model(model_dir, device="cpu") -> tuple[FlexOlmoLM, list[str]]:
+    """Load an anchor (dense) or merged directory, verifying hashes.
+
+    Returns (model in eval mode, expert names in order: ["public", owner names...]; a dense
+    anchor gives ["public"], its single FFN)."""
+    model, names, _ = _load(model_dir, device)
+    return model, names
+
+
+def _load(model_dir, device="cpu") -> tuple[FlexOlmoLM, list[str], dict]:
+    model, info = read_model_dir(model_dir, device)
+    if model.moe_layers():
+        if info is None:
+            raise CheckpointError(f"{model_dir}: MoE checkpoint without experts.json")
+        names = list(info["experts"])
+        if len(names) != model.config.num_experts:
+            raise CheckpointError(f"{model_dir}: experts.json names {len(names)} experts, "
+                                  f"the model has {model.config.num_experts}")
+    else:
+        names, info = [PUBLIC], {}
+    return model.eval(), names, info
+
+
+def _check_package(path, tensors, manifest, anchor_fp: str, dense_cfg: ModelConfig, public_sha: str) -> None:
+    name = manifest["name"]
+    if manifest.get("anchor_fingerprint") != anchor_fp:
+        raise MergeError(f"package {name!r} ({path}) was trained from a different anchor: its anchor "
+                         f"fingerprint {str(manifest.get('anchor_fingerprint'))[:12]}... != {anchor_fp[:12]}...")
+    if ModelConfig.from_dict(manifest["config"]) != dense_cfg:
+        raise MergeError(f"package {name!r} ({path}) has model config {manifest['config']}, "
+                         f"the anchor has {dense_cfg.to_dict()}")
+    if manifest.get("public_row_sha256") != public_sha:
+        raise MergeError(f"package {name!r} ({path}) was trained against a different public router row "
+                         "(public_embedding.safetensors differs)")
+
+
+def _read_packages(paths, anchor_fp, dense_cfg, public_sha, taken_names, taken_hashes):
+    out = []
+    for path in paths:
+        try:
+            tensors, manifest = load_package(path)
+        except PackageError as exc:
+            raise MergeError(f"cannot merge: {exc}") from None
+        _check_package(path, tensors, manifest, anchor_fp, dense_cfg, public_sha)
+        name = manifest["name"]
+        if name in taken_names:
+            raise MergeError(f"duplicate expert name {name!r} ({path}); each expert is merged once")
+        digest = tuple(sorted((k, v["sha256"]) for k, v in manifest["tensors"].items()))
+        if digest in taken_hashes:
+            raise MergeError(f"package {name!r} ({path}) holds the same weights as expert "
+                             f"{taken_hashes[digest]!r}; the same expert cannot be merged twice")
+        taken_names.add(name)
+        taken_hashes[digest] = name
+        out.append((name, tensors, manifest))
+    return out
+
+
+def _public_sha(model_dir) -> tuple[torch.Tensor, str, str]:
+    row, method = read_public_embedding(model_dir)
+    return row, method, tensor_sha256(row.float())
+
+
+def _summary(manifest) -> dict:
+    return {k: manifest.get(k) for k in ("name", "source", "tokens_seen", "steps", "embed_method")}
+
+
+def merge(anchor_dir, package_paths, out_dir, top_k: int | None = None) -> Path:
+    """Write the merged model (anchor + packages) to ``out_dir``; top_k defaults to min(2, n+1)."""
+    package_paths = [Path(p) for p in package_paths]
+    if not package_paths:
+        raise MergeError("merge needs at least one expert package")
+    anchor, names = load_model(anchor_dir)
+    if anchor.moe_layers():
+        raise MergeError(f"{anchor_dir} is already a merged model; use opt_in to add packages")
+    fp = anchor_fingerprint(anchor)
+    public_row, method, public_sha = _public_sha(anchor_dir)
+    pkgs = _read_packages(package_paths, fp, anchor.config, public_sha, set(), {})
+    E = len(pkgs) + 1
+    top_k = min(2, E) if top_k is None else top_k
+    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise MergeError(f"top_k must be an int in [1, {E}], got {top_k!r}")
+    experts = [dense_expert_tensors(anchor, public_row)] + [t for _, t, _ in pkgs]
+    model = assemble(anchor, experts, top_k)
+    info = {"experts": [PUBLIC] + [n for n, _, _ in pkgs], "anchor_fingerprint": fp,
+            "packages": {n: _summary(m) for n, _, m in pkgs}}
+    return write_model_dir(out_dir, model, Path(anchor_dir) / TOKENIZER_FILE, public_row, method, info)
+
+
+def opt_out(model_dir, name: str, out_dir) -> Path:
+    """Write a copy of a merged model without expert ``name`` (its weights are gone from the file)."""
+    model, names, info = _load(model_dir)
+    if not model.moe_layers():
+        raise MergeError(f"{model_dir} is a dense model; there is no expert to opt out")
+    if name == PUBLIC:
+        raise MergeError("the public expert cannot be opted out")
+    if name not in names:
+        raise MergeError(f"no expert named {name!r} in {model_dir}; experts: {names}")
+    index = names.index(name)
+    E = len(names) - 1
+    model.set_top_k(min(model.config.top_k, E))
+    for m in model.moe_layers():
+        m.remove_expert(index)
+    model.config = model.config.with_experts(E, model.config.top_k)
+    info = dict(info, experts=[n for n in names if n != name])
+    info["packages"] = {k: v for k, v in info.get("packages", {}).items() if k != name}
+    public_row, method, _ = _public_sha(model_dir)
+    return write_model_dir(out_dir, model, Path(model_dir) / TOKENIZER_FILE, public_row, method, info)
+
+
+def opt_in(model_dir, package_path, out_dir) -> Path:
+    """Write a copy of a merged (or dense anchor) model with one more expert from a package."""
+    model, names, info = _load(model_dir)
+    if not model.moe_layers():
+        return merge(model_dir, [package_path], out_dir)
+    fp = anchor_fingerprint(model)
+    public_row, method, public_sha = _public_sha(model_dir)
+    taken = {}
+    for e in range(1, len(names)):  # existing experts, to refuse merging one twice
+        t = expert_tensors(model, e)
+        taken[tuple(sorted((k, tensor_sha256(v)) for k, v in t.items()))] = names[e]
+    [(name, tensors, manifest)] = _read_packages([Path(package_path)], fp, model.config.dense(), public_sha,
+                                                  set(names), taken)
+    for i, m in enumerate(model.moe_layers()):
+        m.add_expert(*(tensors[f"layers.{i}.{p}"] for p in PARTS))
+    model.config = model.config.with_experts(len(names) + 1, model.config.top_k)
+    info = dict(info, experts=names + [name])
+    info["packages"] = dict(info.get("packages", {}), **{name: _summary(manifest)})
+    return write_model_dir(out_dir, model, Path(model_dir) / TOKENIZER_FILE, public_row, method, info)
+
+
+def mask_experts(model: FlexOlmoLM, names_to_mask, expert_names: list[str]) -> torch.Tensor:
+    """Opt out at inference: mask the named experts in every layer. Returns the mask (E,) bool."""
+    if isinstance(names_to_mask, str):
+        names_to_mask = [names_to_mask]
+    unknown = [n for n in names_to_mask if n not in expert_names]
+    if unknown:
+        raise MergeError(f"unknown experts {unknown}; experts: {expert_names}")
+    mask_E = torch.tensor([n not in names_to_mask for n in expert_names], dtype=torch.bool)
+    model.set_expert_mask(mask_E)
+    return mask_E
