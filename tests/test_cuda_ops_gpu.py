@@ -56,7 +56,7 @@ def gate_ref(logits_TE, k, mask_E, reroute, renormalize):
     """route_ref's gate (module docstring of flexkern/ops/route.py) on given float32 logits."""
     if reroute and mask_E is not None:
         logits_TE = logits_TE.masked_fill(~mask_E, float("-inf"))
-    probs, order = torch.sort(torch.softmax(logits_TE, -1), -1, descending=True, stable=True)
+    probs, order = torch.sort(torch.softmax(logits_TE, -1), dim=-1, descending=True, stable=True)
     w, e = probs[:, :k], order[:, :k].int()
     if renormalize:
         w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
