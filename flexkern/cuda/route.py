@@ -43,10 +43,23 @@ def route_topk(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bias_
     return weights_TK, experts_TK
 
 
+def router_logits(x_TD, router_ED, bias_E=None):
+    """float32 logits. For bf16/fp16 inputs the GEMM runs on the tensor cores with a float32
+    output (same products, float32 accumulation) instead of upcasting x to float32 first, which
+    costs a full extra pass over x and a float32 GEMM."""
+    if x_TD.dtype in (torch.bfloat16, torch.float16) and router_ED.dtype == x_TD.dtype:
+        try:
+            logits_TE = torch.mm(x_TD, router_ED.t(), out_dtype=torch.float32)
+        except TypeError:  # a torch without mm(..., out_dtype)
+            return router_logits_ref(x_TD, router_ED, bias_E)
+        return logits_TE if bias_E is None else logits_TE.add_(bias_E.float())
+    return router_logits_ref(x_TD, router_ED, bias_E)
+
+
 def route_cuda(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False):
     """Drop-in for ``route_ref``: returns (weights_TK, experts_TK int32, logits_TE)."""
     if not supports(router_ED.shape[0], k, x_TD.dtype):
         return route_ref(x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize)
-    logits_TE = router_logits_ref(x_TD, router_ED, bias_E)
+    logits_TE = router_logits(x_TD, router_ED, bias_E)
     weights_TK, experts_TK = route_topk(logits_TE, k, mask_E, reroute, renormalize)
     return weights_TK, experts_TK, logits_TE
