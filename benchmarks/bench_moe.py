@@ -28,15 +28,18 @@ from benchmarks.moe_paths import LayerInputs, Path
 from benchmarks.shapes import MoEShape
 
 
-def pick_paths(device: torch.device, wanted: str | None) -> tuple[list[Path], dict, bool]:
-    """(layer paths, peer status, whether to time the dense ceiling), filtered by --backends."""
+def pick_paths(device: torch.device, wanted: str | None) -> tuple[list[Path], dict, dict, bool]:
+    """(layer paths, {duplicate: path it equals}, peer status, whether to time the dense
+    ceiling), filtered by --backends (full names, or the part after "flexkern:")."""
+    names = {n.strip() for n in (wanted or "").split(",") if n.strip()}
+
+    def keep(name: str) -> bool:
+        return not names or name in names or name.split(":", 1)[-1] in names
+
+    fk, same = moe_paths.flexkern_paths(device, keep)
     peer_list, peer_status = peers.peer_paths(device)
-    paths = moe_paths.flexkern_paths(device) + moe_paths.torch_paths() + peer_list
-    if not wanted:
-        return paths, peer_status, True
-    names = {n.strip() for n in wanted.split(",") if n.strip()}
-    keep = [p for p in paths if p.name in names or p.name.split(":", 1)[-1] in names]
-    return keep, peer_status, "dense" in names
+    paths = fk + [p for p in moe_paths.torch_paths() + peer_list if keep(p.name)]
+    return paths, same, peer_status, keep("dense")
 
 
 def skip_reason(path: Path, shape: MoEShape, mode: str) -> str | None:
@@ -202,19 +205,21 @@ def main(argv=None) -> int:
     else:
         presets = shapes.CPU_SHAPES
     todo = shapes.select(presets, args.shapes)
-    paths, peer_status, dense = pick_paths(device, args.backends)
+    paths, same, peer_status, dense = pick_paths(device, args.backends)
     meta = report.environment(device)
     hbm = timing.hbm_spec_Bps(meta["gpu"]) if cuda else None
     runner = Runner(device, dtype, args.quick, args.budget_s, hbm)
     meta.update(dtype=str(dtype).replace("torch.", ""), quick=args.quick, peers=peer_status,
                 copy_bandwidth_GBps=runner.copy_Bps / 1e9,
                 hbm_spec_GBps=hbm / 1e9 if hbm else None,
-                paths={p.name: p.detail for p in paths},
+                paths={p.name: p.detail for p in paths}, paths_same_as=same,
                 flop_model={"fwd": "6*T*K*D*F", "fwd+bwd": "18*T*K*D*F"})
     print(f"device: {meta['gpu'] or 'cpu'}  torch {meta['torch']}  triton {meta['triton']}  "
           f"dtype {meta['dtype']}  copy bandwidth {runner.copy_Bps / 1e9:.0f} GB/s")
     for p in paths:
         print(f"  path {p.name:<20} {p.detail}")
+    for dup, orig in same.items():
+        print(f"  path {dup:<20} same backends as {orig}: not timed twice")
     print(f"  peers: {peer_status}")
     if not cuda:
         print("no GPU: smoke run on tiny shapes (timings are not meaningful)")

@@ -113,24 +113,28 @@ def flexkern_path(wanted: str, device: torch.device) -> Path:
                 detail=f"route={route_b} dispatch={disp_b} experts={exp_b}", key=(route_b, disp_b, exp_b))
 
 
-def flexkern_paths(device: torch.device) -> list[Path]:
-    """One path per experts backend usable on ``device``, plus "auto"; duplicates dropped."""
-    names = list(fk_backend.available("experts_swiglu"))
+def flexkern_paths(device: torch.device, keep: Callable[[str], bool] = lambda name: True
+                   ) -> tuple[list[Path], dict[str, str]]:
+    """One path per experts backend usable on ``device``, plus "auto", for the names ``keep``
+    accepts. A path resolving to the same backends as an earlier one is dropped: returns
+    (paths, {dropped name: the path it duplicates})."""
     usable = []
-    for name in names + ["auto"]:
+    for name in list(fk_backend.available("experts_swiglu")) + ["auto"]:
         try:
             fk_backend.lookup("experts_swiglu", name, device)
-            usable.append(name)
         except RuntimeError:
-            pass
-    paths, seen = [], {}
+            continue
+        if keep(f"flexkern:{name}"):
+            usable.append(name)
+    paths, seen, same = [], {}, {}
     for name in usable:
         p = flexkern_path(name, device)
         if p.key in seen:
+            same[p.name] = seen[p.key]
             continue
         seen[p.key] = p.name
         paths.append(p)
-    return paths
+    return paths, same
 
 
 # ---- plain PyTorch ----------------------------------------------------------------------------
