@@ -196,3 +196,14 @@ def test_cli_help():
         assert cmd in out.stdout
     out = subprocess.run([sys.executable, "-m", "flexkern.cli", "evaluate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--opt-out" in out.stdout
+
+
+def test_member_and_btm_losses_match_separate_evaluation():
+    from flexkern.flexolmo.baselines import member_and_btm_losses
+    from flexkern.flexolmo.evaluate import stream_loss
+    a, b = _dense(), _dense()
+    stream = torch.randint(0, CFG.vocab_size, (200,))
+    per, btm = member_and_btm_losses({"a": a, "b": b}, stream, CFG.seq_len, max_tokens=96)
+    assert math.isclose(per["a"], stream_loss(a, stream, CFG.seq_len, 96), rel_tol=1e-5)
+    assert math.isclose(per["b"], stream_loss(b, stream, CFG.seq_len, 96), rel_tol=1e-5)
+    assert math.isclose(btm, stream_loss(BTMEnsemble([a, b]), stream, CFG.seq_len, 96), rel_tol=1e-5)

@@ -127,3 +127,31 @@ class BTMEnsemble(nn.Module):
             logw_MBS = btm_log_weights(logp_MBSV, ids_1S, self.temperature)
             out.append(torch.logsumexp(logp_MBSV + logw_MBS[..., None], dim=0))
         return torch.cat(out)
+
+
+@torch.no_grad()
+def member_and_btm_losses(members: dict[str, nn.Module], stream: torch.Tensor, seq_len: int,
+                          max_tokens: int | None = None, temperature: float = 1.0) -> tuple[dict[str, float], float]:
+    """Each member's mean loss and the BTM ensemble's on one stream, running every member once.
+
+    Same windows and numbers as ``evaluate.stream_loss`` on each member and on ``BTMEnsemble``.
+    """
+    from .evaluate import stream_windows
+
+    ids_NS = stream_windows(stream, seq_len, max_tokens)
+    names = list(members)
+    for m in members.values():
+        m.eval()
+    totals = dict.fromkeys(names + [None], 0.0)
+    for row in ids_NS:
+        ids_1S = row[None].to(next(members[names[0]].parameters()).device)
+        inp, tgt = ids_1S[:, :-1], ids_1S[:, 1:]
+        logp_MBSV = torch.stack([F.log_softmax(members[n](inp).float(), dim=-1) for n in names])
+        nll_MBS = -logp_MBSV.gather(-1, tgt[None, ..., None].expand(len(names), *tgt.shape, 1))[..., 0]
+        for n, nll in zip(names, nll_MBS):
+            totals[n] += float(nll.sum())
+        logw_MBS = btm_log_weights(logp_MBSV, inp, temperature)
+        mix_BSV = torch.logsumexp(logp_MBSV + logw_MBS[..., None], dim=0)
+        totals[None] -= float(mix_BSV.gather(-1, tgt[..., None]).sum())
+    count = ids_NS[:, 1:].numel()
+    return {n: totals[n] / count for n in names}, totals[None] / count

@@ -13,7 +13,9 @@ import random
 import torch
 import torch.nn.functional as F
 
+from .embed import domain_embedding, embed_texts, sample_documents
 from .model import FlexOlmoLM, lm_loss
+from .tokenizer import encode_documents
 
 Z_LOSS_WEIGHT = 1e-3
 
@@ -30,6 +32,27 @@ def select_proxy_documents(candidates: list[str], candidate_emb_ND: torch.Tensor
     cos_N = F.normalize(candidate_emb_ND.float(), dim=-1) @ F.normalize(domain_emb_D.float(), dim=0)
     top = torch.topk(cos_N, min(num_docs, len(candidates))).indices.sort().values
     return [candidates[i] for i in top.tolist()]
+
+
+def proxy_streams(tokenizer, public: list[str], owners: dict[str, list[str]], proxy_docs: int = 4,
+                  public_docs: int = 16, candidates: int = 96, embed_docs: int = 48, method: str = "minilm",
+                  model=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token streams for router tuning: {owner: its proxy set, "public": a public sample}.
+
+    A seeded sample of ``candidates`` public documents is embedded once; each owner's proxy set is
+    the ``proxy_docs`` of them closest to the mean embedding of ``embed_docs`` of its documents
+    (computed on the owner's side; only the chosen public documents leave it).
+    """
+    if not public:
+        raise ValueError("router tuning needs public documents")
+    pool = sample_documents(public, candidates, seed)
+    pool_emb = embed_texts(pool, method, model, tokenizer)
+    out = {}
+    for name, docs in owners.items():
+        dom = domain_embedding(docs, method, model, tokenizer, num_docs=embed_docs, seed=seed)
+        out[name] = encode_documents(tokenizer, select_proxy_documents(pool, pool_emb, dom, proxy_docs))
+    out["public"] = encode_documents(tokenizer, sample_documents(public, public_docs, seed + 1))
+    return out
 
 
 def _router_params(model: FlexOlmoLM) -> list[torch.nn.Parameter]:
