@@ -217,11 +217,11 @@ def torch_paths() -> list[Path]:
 
 # ---- the dense ceiling ------------------------------------------------------------------------
 def dense_ceiling(shape: MoEShape, mode: str, device, dtype) -> Forward:
-    """The layer's GEMMs with all N = T*K rows in one group: the same FLOPs, as plain torch.mm.
+    """The layer's GEMMs with all N routed rows in one group: the same FLOPs, as plain torch.mm.
 
     fwd: X(N,D)·W1(D,2F) and A(N,F)·W2(F,D); fwd+bwd adds dX, dW1, dA, dW2 (6·N·D·F -> 18·N·D·F).
     """
-    N, D, Fw = shape.T * shape.K, shape.D, shape.F
+    N, D, Fw = shape.routed_rows, shape.D, shape.F
 
     def r(*size):
         return torch.randn(*size, device=device, dtype=dtype)

@@ -20,9 +20,16 @@ class MoEShape:
     decode: bool = False       # inference size: forward only, timed through CUDA-graph replay
     loop: bool = True          # time the per-expert Python loop too (slow at some sizes)
 
+    @property
+    def routed_rows(self) -> int:
+        """Rows the experts actually compute: T*K less the share dropped by the mask (expected
+        value under the benchmark's uniform routing)."""
+        return round(self.T * self.K * (1.0 - self.masked_frac))
+
     def flops(self, mode: str) -> float:
+        """Useful FLOPs: forward 6·N·D·F, forward+backward 18·N·D·F with N the routed rows."""
         per = {"fwd": 6, "fwd+bwd": 18}[mode]
-        return float(per) * self.T * self.K * self.D * self.F
+        return float(per) * self.routed_rows * self.D * self.F
 
     @property
     def modes(self) -> tuple[str, ...]:
