@@ -240,6 +240,12 @@ def _embedding(docs, method, model, tok, d_model, num_docs) -> torch.Tensor:
     return vec.float()
 
 
+def _summary(stats: dict) -> str:
+    if math.isnan(stats["tokens_per_s"]):
+        return f"(all steps were done before; resumed at step {stats['resumed_from']})"
+    return f"last loss {stats['loss']:.3f}, {stats['tokens_per_s']:,.0f} tokens/s"
+
+
 def _ckpt_dir(out: Path, ckpt_dir) -> Path:
     return Path(ckpt_dir) if ckpt_dir is not None else out.with_name(out.name + ".ckpt")
 
@@ -296,7 +302,7 @@ def train_anchor(out_dir, preset="tiny", data: Sequence = PUBLIC_DOMAINS, steps:
             write_model_dir(out_dir, model.cpu(), tok_path, public_row, method)
             shutil.rmtree(ckpt, ignore_errors=True)
             if log:
-                print(f"anchor: {out_dir}  loss {stats['loss']:.3f}  {stats['tokens_per_s']:,.0f} tokens/s", flush=True)
+                print(f"anchor: {out_dir}  {_summary(stats)}", flush=True)
         distributed.barrier(info)
     finally:
         distributed.teardown(info)
@@ -392,8 +398,7 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
             save_package(out, expert_tensors(model, 1), manifest)
             shutil.rmtree(ckpt, ignore_errors=True)
             if log:
-                print(f"expert {name}: {out}  loss {stats['loss']:.3f}  {stats['tokens_per_s']:,.0f} tokens/s",
-                      flush=True)
+                print(f"expert {name}: {out}  {_summary(stats)}", flush=True)
         distributed.barrier(info)
     finally:
         distributed.teardown(info)
