@@ -1,17 +1,18 @@
 """Launch configurations of the Triton expert kernels: one table per GPU family, one place.
 
 Each kernel of the forward/backward gets a TileConfig. ``pick`` chooses the table from the device
-(compute capability; the interpreter has its own small-tile table) and the row regime from shapes
-only — the average rows per expert T*K/E — so nothing is read from the device:
+(compute capability; the interpreter has its own small-tile table; float32 uses the small "default"
+tiles) and the row regime from shapes only — the average rows per expert T*K/E — so nothing is
+read from the device:
 
     decode   (<= 32 rows per expert)   BLOCK_M = 16: the weights dominate, keep the row tile small
     medium   (<= 128)                  BLOCK_M = 64
     large    (> 128)                   BLOCK_M = 128, Hopper-sized tiles
 
-Shared memory per stage is (BLOCK_M + gemm_operands * BLOCK_N) * BLOCK_K * 2 bytes; every Hopper
-entry stays under ~170 KB of the 227 KB available, Ampere under ~150 KB of 163 KB, and the
-"default" family (any other GPU, including 100 KB consumer parts) under ~64 KB. A launch that still
-runs out of resources falls back to SAFE (see ops.py).
+Shared memory per stage is about (BLOCK_M + operands * BLOCK_N) * BLOCK_K * 2 bytes. Compiled
+offline for sm_90 with triton 3.6 (16-byte aligned shapes), the largest bf16 Hopper entry takes
+144 KB of the 227 KB and float32 on the "default" tiles far less. A launch that still runs out of
+resources falls back to SAFE (see ops.py).
 
 Autotuning is not used: the grids depend on T*K only through a shape bound, a tuning pass would
 have to run outside CUDA-graph capture, and the interpreter must never tune.
@@ -115,12 +116,14 @@ def regime(num_rows: int, num_experts: int) -> str:
     return "decode" if per_expert <= 32 else "medium" if per_expert <= 128 else "large"
 
 
-def pick(device: torch.device, num_rows: int, num_experts: int) -> ExpertsConfig:
+def pick(device: torch.device, dtype: torch.dtype, num_rows: int, num_experts: int) -> ExpertsConfig:
     """The configuration for N = T*K row capacity over E experts on ``device`` (shapes only)."""
     fam = family(device)
     if fam == "interpreter":
         return _INTERPRETER
     reg = regime(num_rows, num_experts)
-    if fam == "default":
+    # float32 runs exact fp32 products on CUDA cores (a correctness path, not a fast one): small
+    # tiles keep its registers and compile time in check.
+    if fam == "default" or dtype == torch.float32:
         return _DEFAULT_DECODE if reg == "decode" else _DEFAULT
     return _TABLE[(fam, reg)]

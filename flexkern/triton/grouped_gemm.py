@@ -14,7 +14,8 @@ import triton.language as tl
 
 from .schedule import expert_tile, swizzle
 
-MODE_PLAIN, MODE_SWIGLU, MODE_DUAL = 0, 1, 2
+# constexpr globals: the compiler only lets kernels read globals that are tl.constexpr
+MODE_PLAIN, MODE_SWIGLU, MODE_DUAL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit

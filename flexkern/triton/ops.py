@@ -76,7 +76,7 @@ def _grouped_gemm(a, a2, b, b2, c, offsets_E1, token_of_row_N, *, k, n_out, stri
         gg.grouped_gemm_kernel[(num_m * num_n,)](
             a, a if a2 is None else a2, b, b if b2 is None else b2, c, offsets_E1, token_of_row_N,
             k, n_out, E, num_m, num_n, a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
-            GATHER_A=gather_a, MODE=mode, PRECISION=_precision(a.dtype),
+            GATHER_A=gather_a, MODE=mode.value, PRECISION=_precision(a.dtype),
             BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k, BLOCK_E=_block_e(E),
             GROUP_M=cf.group_m, num_warps=cf.num_warps, num_stages=cf.num_stages)
 
@@ -134,7 +134,7 @@ def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token
     y_TD = _buffer((T, D), dt, dev)
     if N == 0:
         return y_TD
-    cfg = pick(dev, N, E)
+    cfg = pick(dev, dt, N, E)
     x_TD, weights_TK = x_TD.contiguous(), weights_TK.contiguous()
     h_NF = _buffer((N, F), dt, dev)
     # w_gate[e] (F, D) read as B[kk over D, n over F]
@@ -166,7 +166,7 @@ def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1
     if N == 0:
         zeros = [torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF)]
         return (_buffer((T, D), dt, dev), *zeros, _buffer((T, K), weights_TK.dtype, dev))
-    cfg = pick(dev, N, E)
+    cfg = pick(dev, dt, N, E)
     dy_TD, x_TD, weights_TK = dy_TD.to(dt).contiguous(), x_TD.contiguous(), weights_TK.contiguous()
     h_NF, dg_NF, du_NF = (_buffer((N, F), dt, dev) for _ in range(3))
     d_down = _buffer(w_down_EDF.shape, dt, dev)
