@@ -210,3 +210,25 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     assert moved > 1e-3  # training moved the weights far more than the tolerance below
     for k in one_t:  # the same global batches, gradients averaged over the two ranks
         torch.testing.assert_close(ddp_t[k], one_t[k], rtol=0, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_owner_training_and_merged_model_on_gpu(world, tmp_path):
+    """Owner training on CUDA (fast backends) keeps the frozen tensors exact (train_expert checks
+    that before writing), lands near the CPU run, and the merged model matches the CPU logits."""
+    args = dict(name="law", **EXPERT)
+    gpu = train_expert(world.anchor, LAW, tmp_path / "gpu", device="cuda", **args)
+    cpu = train_expert(world.anchor, LAW, tmp_path / "cpu", **args)
+    g, c = load_package(gpu)[0], load_package(cpu)[0]
+    anchor, _ = load_model(world.anchor)
+    for i, block in enumerate(anchor.blocks):
+        moved = (c[f"layers.{i}.up_proj"] - block.ffn.up_proj.weight).abs().max()
+        torch.testing.assert_close(g[f"layers.{i}.up_proj"], c[f"layers.{i}.up_proj"], rtol=0,
+                                   atol=0.05 * float(moved))
+    merged_dir = merge(world.anchor, [world.code, gpu], tmp_path / "merged")
+    model, _ = load_model(merged_dir)
+    model_gpu, _ = load_model(merged_dir, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (3, model.config.seq_len))
+    with torch.no_grad():
+        torch.testing.assert_close(model_gpu(ids.cuda()).cpu(), model(ids), rtol=1e-4, atol=1e-4)
