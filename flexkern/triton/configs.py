@@ -58,7 +58,7 @@ _TABLE: dict[tuple[str, str], ExpertsConfig] = {
         gate_up=_T(128, 128, 64, 8, 3), down=_T(128, 128, 64, 8, 4), recompute=_T(128, 64, 32, 8, 4),
         dx=_T(128, 128, 32, 8, 4), wgrad=_T(128, 128, 64, 8, 3), combine=_COMBINE),
     ("hopper", "medium"): ExpertsConfig(
-        gate_up=_T(64, 128, 64, 4, 3), down=_T(64, 128, 64, 4, 4), recompute=_T(64, 64, 64, 4, 3),
+        gate_up=_T(64, 128, 64, 8, 3), down=_T(64, 128, 64, 4, 4), recompute=_T(64, 64, 64, 4, 3),
         dx=_T(64, 128, 64, 4, 3), wgrad=_T(128, 128, 64, 8, 3), combine=_COMBINE),
     ("hopper", "decode"): ExpertsConfig(
         gate_up=_T(16, 64, 128, 4, 3), down=_T(16, 64, 128, 4, 3), recompute=_T(16, 64, 64, 4, 3),
