@@ -1,0 +1,121 @@
+"""Sweep the launch configs of the Triton expert kernels on a GPU, one kernel role at a time.
+
+    python -m benchmarks.tune_experts --shapes olmoe,mixtral --json tune.json
+
+For each shape it prints the per-kernel time breakdown of one forward+backward (torch.profiler)
+with the current table, then varies each role's TileConfig (gate_up and down timed through the
+forward, recompute, dx and wgrad through the backward) with the others fixed, and reports the best
+candidate per role next to the current one. The winners go into flexkern/triton/configs.py by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+import flexkern
+from flexkern.triton import configs, ops as triton_ops
+
+from .shapes import GPU_SHAPES, select
+from .timing import bench_ms
+
+T_ = configs.TileConfig
+CANDIDATES = {
+    "gate_up": [T_(128, 128, 64, 8, 4), T_(128, 256, 64, 8, 3), T_(64, 128, 64, 4, 4), T_(128, 64, 64, 4, 4),
+                T_(128, 128, 32, 8, 4)],
+    "down": [T_(128, 128, 64, 8, 3), T_(128, 256, 64, 8, 3), T_(64, 128, 64, 4, 4), T_(128, 64, 64, 4, 4),
+             T_(128, 128, 32, 8, 4)],
+    "recompute": [T_(128, 64, 64, 8, 3), T_(128, 128, 32, 8, 3), T_(64, 128, 64, 8, 3), T_(64, 64, 64, 4, 4)],
+    "dx": [T_(128, 128, 64, 8, 3), T_(128, 256, 64, 8, 3), T_(64, 128, 64, 4, 4), T_(128, 64, 64, 4, 4)],
+    "wgrad": [T_(128, 128, 32, 8, 4), T_(128, 256, 64, 8, 3), T_(64, 128, 64, 4, 4), T_(128, 128, 128, 8, 2),
+              T_(256, 128, 64, 8, 3)],
+}
+FORWARD_ROLES = ("gate_up", "down")
+
+
+def make_inputs(shape, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, D, F, E, K = shape.T, shape.D, shape.F, shape.E, shape.K
+
+    def r(*size, scale=1.0):
+        return (torch.randn(*size, device="cuda", generator=g) * scale).to(dtype)
+
+    x = r(T, D)
+    ws = (r(E, F, D, scale=D**-0.5), r(E, F, D, scale=D**-0.5), r(E, D, F, scale=F**-0.5))
+    router = r(E, D, scale=D**-0.5)
+    mask = None
+    if shape.masked_frac:
+        mask = torch.ones(E, dtype=torch.bool, device="cuda")
+        mask[::2] = False
+    weights, experts, _ = flexkern.route(x, router, K)
+    disp = flexkern.dispatch(experts, E, mask, validate=False)
+    return x, ws, disp, weights, r(T, D)
+
+
+def kernel_breakdown(fwd, bwd) -> list[tuple[str, float]]:
+    fwd(), bwd()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd(), bwd()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages()]
+    return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])[:12]
+
+
+def sweep(shape) -> dict:
+    x, ws, disp, weights, dy = make_inputs(shape)
+    args = (x, *ws, *disp.tensors(), weights, None)
+    fwd = lambda: triton_ops.experts_fwd_triton(*args)  # noqa: E731
+    bwd = lambda: triton_ops.experts_bwd_triton(dy, *args)  # noqa: E731
+    base = configs.pick(x.device, x.dtype, disp.token_of_row_N.shape[0], shape.E)
+    result = {"shape": shape.as_dict(), "base": dataclasses.asdict(base), "roles": {}}
+    result["breakdown_ms"] = kernel_breakdown(fwd, bwd)
+    print(f"\n== {shape.name}: kernel time of one forward+backward (ms)")
+    for name, ms in result["breakdown_ms"]:
+        print(f"  {ms:9.3f}  {name[:90]}")
+    original = triton_ops.pick
+    try:
+        for role, cands in CANDIDATES.items():
+            fn = fwd if role in FORWARD_ROLES else bwd
+            rows = []
+            for cand in [getattr(base, role)] + cands:
+                cfg = dataclasses.replace(base, **{role: cand})
+                triton_ops.pick = lambda *a, _cfg=cfg: _cfg
+                t0 = time.time()
+                try:
+                    ms = bench_ms(fn, x.device, warmup_ms=10, rep_ms=60)
+                except Exception as exc:  # a config that does not compile or fit is just skipped
+                    ms = float("nan")
+                    print(f"  {role} {cand}: failed ({type(exc).__name__})")
+                rows.append({"config": dataclasses.asdict(cand), "ms": ms, "s": time.time() - t0})
+            ok = [r for r in rows if r["ms"] == r["ms"]]
+            best = min(ok, key=lambda r: r["ms"]) if ok else None
+            result["roles"][role] = {"rows": rows, "best": best}
+            if best:
+                print(f"  {role:<10} current {rows[0]['ms']:.3f} ms -> best {best['ms']:.3f} ms {best['config']}")
+    finally:
+        triton_ops.pick = original
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="olmoe,mixtral")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_experts needs a CUDA GPU; nothing to do")
+        return 0
+    shapes = select(GPU_SHAPES, a.shapes)
+    out = {"gpu": torch.cuda.get_device_name(), "results": [sweep(s) for s in shapes]}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
