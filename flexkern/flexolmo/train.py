@@ -196,18 +196,14 @@ def train_loop(model: FlexOlmoLM, opt: torch.optim.Optimizer, sampler: WindowSam
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-def _documents(source) -> list[str]:
-    """A source (domain name or folder) -> documents; a list of strings is taken as the documents."""
+def _train_docs(source, max_bytes: int | None, heldout_fraction: float) -> list[str]:
+    """The training split of a source: a domain name, a folder, or a list of documents."""
     if isinstance(source, (list, tuple)):
         if not source or not all(isinstance(d, str) for d in source):
             raise ValueError("a document list must be a non-empty list of strings")
-        return list(source)
-    return load_documents(source)
-
-
-def _train_docs(source, max_bytes, heldout_fraction) -> list[str]:
-    docs = _documents(source) if max_bytes is None or isinstance(source, (list, tuple)) \
-        else load_documents(source, max_bytes=max_bytes)
+        docs = list(source)
+    else:
+        docs = load_documents(source, max_bytes=max_bytes)
     train, _ = split_documents(docs, heldout_fraction)
     return train
 
