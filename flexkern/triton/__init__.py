@@ -4,7 +4,9 @@ Importing this package registers ``experts_swiglu`` and ``experts_swiglu_backwar
 "triton" backend. It raises ImportError when triton is not importable, which leaves the reference
 backend in place. Map: schedule.py (on-device tile -> expert), grouped_gemm.py (forward GEMMs, dx),
 grouped_backward.py (recompute + fused SwiGLU backward, per-expert dW), combine.py (gather-sums
-over K), configs.py (launch tables), ops.py (buffers, launches, registration targets).
+over K), lang.py (builtin-only helpers, so the interpreter works whatever the import order),
+configs.py (launch tables), ops.py (buffers, launches, registration targets), compile_check.py
+(offline compile of every table entry for a CUDA architecture: ``python -m flexkern.triton.compile_check``).
 """
 try:
     import triton  # noqa: F401

@@ -18,7 +18,7 @@ def gather_sum_kernel(
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = ts < T
     d_ok = ds < D
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, BLOCK_D), 0.0, tl.float32)
     for k in range(K):
         row = tl.load(row_of_slot_ptr + ts * K + k, mask=t_ok, other=-1)
         ok = row >= 0
@@ -37,7 +37,7 @@ def slot_sum_kernel(part_ptr, row_of_slot_ptr, out_ptr, TK, N, num_parts, BLOCK:
     s_ok = slots < TK
     row = tl.load(row_of_slot_ptr + slots, mask=s_ok, other=-1).to(tl.int64)
     ok = row >= 0
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.full((BLOCK,), 0.0, tl.float32)
     ptrs = part_ptr + row
     for _ in range(num_parts):
         acc += tl.load(ptrs, mask=ok, other=0.0)

@@ -17,6 +17,8 @@ N x F activation memory between forward and backward.
 import triton
 import triton.language as tl
 
+from .lang import sigmoid, vsum
+
 from .schedule import expert_tile, swizzle
 
 
@@ -50,9 +52,9 @@ def recompute_kernel(
     wu_ptrs = wu_ptr + w_base + fs[None, :] * D + ks[:, None]
     wd_ptrs = wd_ptr + w_base + ks[:, None] * F + fs[None, :]   # w_down[e] tile (k over D, f)
 
-    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    s = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_ok = (k0 + ks) < D
         a_mask = row_ok[:, None] & k_ok[None, :]
@@ -68,7 +70,7 @@ def recompute_kernel(
         wu_ptrs += BLOCK_K
         wd_ptrs += BLOCK_K * F
 
-    sig = tl.sigmoid(g)
+    sig = sigmoid(g)
     silu = g * sig
     h = (silu * u).to(h_ptr.dtype.element_ty)
     dh = s * w_row[:, None]
@@ -80,7 +82,7 @@ def recompute_kernel(
     tl.store(dg_ptr + out_off, dg.to(dg_ptr.dtype.element_ty), mask=out_mask)
     tl.store(du_ptr + out_off, du.to(du_ptr.dtype.element_ty), mask=out_mask)
     # d weight(slot) = o_r . dy_t = sum_f h_rf s_rf; this F tile's share, summed later over tiles.
-    part = tl.sum(h.to(tl.float32) * s, 1)
+    part = vsum(h.to(tl.float32) * s, 1)
     tl.store(pdw_ptr + pid_n.to(tl.int64) * N + rows, part, mask=row_ok)
 
 
@@ -110,9 +112,9 @@ def wgrad_kernel(
         # A frozen expert runs no iterations: its rows and weights are never read.
         row_hi = tl.where(tl.load(frozen_ptr + expert) != 0, row_lo, row_hi)
 
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    acc = tl.full((BLOCK_P, BLOCK_Q), 0.0, tl.float32)
     if TWO:
-        acc2 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+        acc2 = tl.full((BLOCK_P, BLOCK_Q), 0.0, tl.float32)
     rs = tl.arange(0, BLOCK_R)
     for r0 in range(row_lo, row_hi, BLOCK_R):
         rows = r0 + rs

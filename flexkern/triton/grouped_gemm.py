@@ -12,6 +12,8 @@ kernel reads a weight either transposed or not. Accumulation is float32; C is st
 import triton
 import triton.language as tl
 
+from .lang import sigmoid
+
 from .schedule import expert_tile, swizzle
 
 # constexpr globals: the compiler only lets kernels read globals that are tl.constexpr
@@ -50,9 +52,9 @@ def grouped_gemm_kernel(
     if MODE == MODE_DUAL:
         a2_ptrs = a2_ptr + a_rows[:, None] * stride_a + ks[None, :]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if MODE == MODE_SWIGLU:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + ks) < K
         a_mask = row_ok[:, None] & k_ok[None, :]
@@ -74,6 +76,6 @@ def grouped_gemm_kernel(
             b2_ptrs += BLOCK_K * stride_bk
 
     if MODE == MODE_SWIGLU:
-        acc = acc * tl.sigmoid(acc) * acc2  # SwiGLU epilogue: silu(gate) * up
+        acc = acc * sigmoid(acc) * acc2  # SwiGLU epilogue: silu(gate) * up
     c_ptrs = c_ptr + rows[:, None] * stride_c + cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

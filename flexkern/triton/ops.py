@@ -11,6 +11,9 @@ Backward (six launches):
     d weights = sum over F tiles of the partials            slot_sum_kernel
     d w_gate, d w_up = dg^T x[token], du^T x[token]         wgrad_kernel (frozen experts: zeros only)
 
+The op saves only its inputs, so the backward recomputes g and u (two of its eight GEMM passes):
+fwd+bwd costs 22 N·D·F FLOPs instead of 18, and no N x F activation is held between the passes.
+
 Setting FLEXKERN_TRITON_POISON=1 fills every buffer with NaN before the kernels write it (tests).
 float64 inputs go to the reference (tl.dot has no float64 path).
 """
@@ -26,14 +29,14 @@ from triton.runtime.errors import OutOfResources, PTXASError
 from ..ops.experts import experts_bwd_ref, experts_fwd_ref
 from .configs import SAFE, TileConfig, max_row_tiles, pick
 
-# Kernels are built by triton.jit when their modules are imported, and triton.jit reads
-# TRITON_INTERPRET at that moment; importing them at first use lets a test process choose.
 _POISON_ENV = "FLEXKERN_TRITON_POISON"
 # (kernel, config) pairs that did not fit this GPU's shared memory/registers: use SAFE instead.
 _DID_NOT_FIT: set[tuple[str, TileConfig]] = set()
 
 
 def _kernels():
+    # Kernels are built by triton.jit when their modules are imported, and triton.jit reads
+    # TRITON_INTERPRET at that moment; importing them at first use lets a test process choose.
     from . import combine, grouped_backward, grouped_gemm
     return grouped_gemm, grouped_backward, combine
 
@@ -135,7 +138,9 @@ def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token
     if N == 0:
         return y_TD
     cfg = pick(dev, dt, N, E)
-    x_TD, weights_TK = x_TD.contiguous(), weights_TK.contiguous()
+    x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1, token_of_row_N, row_of_slot_TK = (
+        t.contiguous() for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1,
+                                 token_of_row_N, row_of_slot_TK))
     h_NF = _buffer((N, F), dt, dev)
     # w_gate[e] (F, D) read as B[kk over D, n over F]
     _grouped_gemm(x_TD, None, w_gate_EFD, w_up_EFD, h_NF, offsets_E1, token_of_row_N, k=D, n_out=F,
@@ -167,7 +172,10 @@ def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1
         zeros = [torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF)]
         return (_buffer((T, D), dt, dev), *zeros, _buffer((T, K), weights_TK.dtype, dev))
     cfg = pick(dev, dt, N, E)
-    dy_TD, x_TD, weights_TK = dy_TD.to(dt).contiguous(), x_TD.contiguous(), weights_TK.contiguous()
+    dy_TD = dy_TD.to(dt).contiguous()
+    (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1, token_of_row_N, slot_of_row_N,
+     row_of_slot_TK) = (t.contiguous() for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK,
+                                                 offsets_E1, token_of_row_N, slot_of_row_N, row_of_slot_TK))
     h_NF, dg_NF, du_NF = (_buffer((N, F), dt, dev) for _ in range(3))
     d_down = _buffer(w_down_EDF.shape, dt, dev)
 

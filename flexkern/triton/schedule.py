@@ -9,6 +9,8 @@ past the last real tile get an empty row range and return at once.
 import triton
 import triton.language as tl
 
+from .lang import vcumsum, vsum
+
 
 @triton.jit
 def expert_tile(tile, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -22,13 +24,13 @@ def expert_tile(tile, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constex
     lo_E = tl.load(offsets_ptr + e_idx, mask=e_ok, other=0)
     hi_E = tl.load(offsets_ptr + e_idx + 1, mask=e_ok, other=0)
     tiles_E = ((hi_E - lo_E + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
-    ends_E = tl.cumsum(tiles_E, 0)
+    ends_E = vcumsum(tiles_E, 0)
     # The expert owning this tile is the first whose cumulative tile count exceeds it.
-    expert = tl.sum((ends_E <= tile).to(tl.int32), 0)
+    expert = vsum((ends_E <= tile).to(tl.int32), 0)
     own = e_idx == expert
-    first_tile = tl.sum(tl.where(own, ends_E - tiles_E, 0), 0)
-    row_lo = tl.sum(tl.where(own, lo_E, 0), 0)
-    row_end = tl.sum(tl.where(own, hi_E, 0), 0)
+    first_tile = vsum(tl.where(own, ends_E - tiles_E, 0), 0)
+    row_lo = vsum(tl.where(own, lo_E, 0), 0)
+    row_end = vsum(tl.where(own, hi_E, 0), 0)
     row_start = row_lo + (tile - first_tile).to(tl.int64) * BLOCK_M
     return expert, row_start, row_end
 
