@@ -32,20 +32,20 @@ from .tokenizer import load_tokenizer
 @dataclass
 class DemoConfig:
     preset: str = "tiny"
-    max_bytes: int = 400_000        # per domain (train + held-out)
+    max_bytes: int = 300_000        # per domain (train + held-out)
     anchor_steps: int = 300
-    expert_steps: int = 120
+    expert_steps: int = 50
     batch_size: int = 8
     seq_len: int = 128
     anchor_lr: float = 3e-3
     expert_lr: float = 2e-3
-    embed_docs: int = 48            # documents per domain embedding
+    embed_docs: int = 32            # documents per domain embedding
     eval_tokens: int = 4096         # held-out tokens per domain
-    rt_steps: int = 40              # router tuning
+    rt_steps: int = 20              # router tuning
     rt_proxy_docs: int = 4          # public documents per owner in its proxy set
     rt_public_docs: int = 16        # plus this many public documents
-    rt_lr: float = 5e-3
-    headline_top_k: int = 2         # the "merged" row / opt-out base (FlexOlmo: about half the experts)
+    rt_lr: float = 2e-3
+    headline_top_k: int = 2         # the "merged" row and opt-out base (= `flexkern merge` default)
     device: str = "cpu"
     embed_method: str = "minilm"
     seed: int = 0
@@ -262,7 +262,9 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
         "weights softmax(log-likelihood of the window so far).",
         f"RT: router tuning ({cfg.rt_steps} steps, router rows only, all experts active) on the "
         f"{cfg.rt_proxy_docs} public documents closest to each owner's domain embedding plus "
-        f"{cfg.rt_public_docs} public documents.",
+        f"{cfg.rt_public_docs} public documents. The public corpora here hold no code, legal, math or "
+        "scripture text, so these proxy sets cannot show the router where an owner's expert helps; "
+        "tuning on them mainly shifts tokens to the public expert.",
         f"Opt-out by masking; a checkpoint written without expert "
         f"'{OWNER_DOMAINS[0]}' gives the same logits (max |diff| {results['opt_out_check']:.2e}).",
     ]
