@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import flexkern
-from flexkern.ops import experts_bwd_ref, experts_fwd_ref
+from flexkern.ops import backend, experts_bwd_ref, experts_fwd_ref
 from oracle import moe_per_token
 
 
@@ -36,8 +36,57 @@ def per_slot_oracle(x, ws, experts, weights, mask=None):
 def test_forward_matches_oracle(T, D, F, E, K, sync_free):
     mask = torch.rand(E) > 0.3
     x, ws, experts, weights, d = make(T, D, F, E, K, mask=mask)
-    y = experts_fwd_ref(x, *ws, *d.tensors(), weights, None, sync_free=sync_free)
+    y, g, u = experts_fwd_ref(x, *ws, *d.tensors(), weights, None, sync_free=sync_free)
     torch.testing.assert_close(y, per_slot_oracle(x, ws, experts, weights, mask), rtol=1e-10, atol=1e-10)
+    assert g.shape == u.shape == (0, F)  # nothing saved unless asked
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_saved_activations_are_the_preactivations_and_give_the_same_backward(sync_free):
+    E, F = 5, 7
+    mask = torch.tensor([True, False, True, True, True])
+    x, ws, experts, weights, d = make(11, 6, F, E, 2, mask=mask)
+    y0, _, _ = experts_fwd_ref(x, *ws, *d.tensors(), weights, None, sync_free=sync_free)
+    y, g, u = experts_fwd_ref(x, *ws, *d.tensors(), weights, None, sync_free=sync_free,
+                              save_activations=True)
+    assert torch.equal(y, y0) and g.shape == u.shape == (d.token_of_row_N.shape[0], F)
+    offs = d.offsets_E1.tolist()
+    for e in range(E):
+        x_rD = x[d.token_of_row_N[offs[e]:offs[e + 1]].long()]
+        torch.testing.assert_close(g[offs[e]:offs[e + 1]], x_rD @ ws[0][e].t(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(u[offs[e]:offs[e + 1]], x_rD @ ws[1][e].t(), rtol=1e-12, atol=1e-12)
+    # rows past offsets[E] are never read by the backward
+    g[offs[-1]:], u[offs[-1]:] = float("nan"), float("nan")
+    dy = torch.randn_like(x)
+    frozen = torch.tensor([False, False, True, False, False])
+    recomputed = experts_bwd_ref(dy, x, *ws, *d.tensors(), weights, frozen, sync_free=sync_free)
+    loaded = experts_bwd_ref(dy, x, *ws, *d.tensors(), weights, frozen, sync_free=sync_free, g_NF=g, u_NF=u)
+    for a, b in zip(recomputed, loaded):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="both"):
+        experts_bwd_ref(dy, x, *ws, *d.tensors(), weights, None, g_NF=g)
+    with pytest.raises(ValueError, match="shape"):
+        experts_bwd_ref(dy, x, *ws, *d.tensors(), weights, None, g_NF=g[:3], u_NF=u[:3])
+
+
+def test_public_op_saves_activations_only_when_a_gradient_is_wanted(monkeypatch):
+    x, ws, experts, weights, d = make(5, 4, 6, 3, 2)
+    seen = []
+
+    def spy(*args, save_activations):
+        seen.append(save_activations)
+        return experts_fwd_ref(*args, save_activations=save_activations)
+
+    monkeypatch.setitem(backend._REGISTRY["experts_swiglu"], "reference", spy)
+    flexkern.experts_swiglu(x, *ws, d, weights, backend="reference")
+    w = weights.clone().requires_grad_()
+    with torch.no_grad():
+        flexkern.experts_swiglu(x, *ws, d, w, backend="reference")
+    y = flexkern.experts_swiglu(x, *ws, d, w, backend="reference")
+    assert seen == [False, False, True]
+    assert y.requires_grad
+    y.sum().backward()
+    assert w.grad is not None and bool(torch.isfinite(w.grad).all())
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
@@ -76,15 +125,18 @@ def test_masked_experts_are_never_read(sync_free):
     E = 5
     mask = torch.tensor([True, False, True, False, True])
     x, ws, experts, weights, d = make(16, 6, 8, E, 2, mask=mask)
-    clean = experts_fwd_ref(x, *ws, *d.tensors(), weights, None, sync_free=sync_free)
+    clean, _, _ = experts_fwd_ref(x, *ws, *d.tensors(), weights, None, sync_free=sync_free)
     poisoned = [w.clone() for w in ws]
     for w in poisoned:
         w[~mask] = float("nan")
-    y = experts_fwd_ref(x, *poisoned, *d.tensors(), weights, None, sync_free=sync_free)
+    y, g, u = experts_fwd_ref(x, *poisoned, *d.tensors(), weights, None, sync_free=sync_free,
+                              save_activations=True)
     assert torch.equal(y, clean)
-    grads = experts_bwd_ref(torch.randn_like(x), x, *poisoned, *d.tensors(), weights, None, sync_free=sync_free)
-    for g in grads:
-        assert bool(torch.isfinite(g).all())
+    for gu in ({}, dict(g_NF=g, u_NF=u)):
+        grads = experts_bwd_ref(torch.randn_like(x), x, *poisoned, *d.tensors(), weights, None,
+                                sync_free=sync_free, **gu)
+        for dw in grads:
+            assert bool(torch.isfinite(dw).all())
 
 
 def rel_err(a, ref):
@@ -126,8 +178,13 @@ def test_bad_expert_input():
         flexkern.experts_swiglu(x, *(w[:2] for w in ws), d, weights)
 
 
-def test_experts_opcheck():
+@pytest.mark.parametrize("save", [True, False])
+def test_experts_opcheck(save):
     x, ws, experts, weights, d = make(6, 4, 6, 3, 2, dtype=torch.float32)
-    args = (x, *ws, *d.tensors(), weights, None, "reference")
+    args = (x, *ws, *d.tensors(), weights, None, "reference", save)
     torch.library.opcheck(torch.ops.flexkern.experts_swiglu.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    _, g, u = torch.ops.flexkern.experts_swiglu(*args)
+    gu = (g, u) if save else (None, None)
+    torch.library.opcheck(torch.ops.flexkern.experts_swiglu_backward.default,
+                          (torch.randn_like(x), *args[:-1], *gu), test_utils=("test_schema", "test_faketensor"))

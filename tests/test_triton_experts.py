@@ -5,6 +5,7 @@ several row tiles per expert, ragged D/F edges); with one they run compiled on C
 the kernels write is NaN-poisoned first (FLEXKERN_TRITON_POISON), and tolerances are relative to
 PyTorch's own error in the dtype: err(triton vs fp64) <= 2 err(torch in dtype vs fp64) + eps/2
 (relative Frobenius errors; inputs are rounded to the dtype before the fp64 reference sees them).
+Both backward paths run: g, u saved by the forward (save_activations) and recomputed from x.
 """
 import os
 
@@ -62,8 +63,9 @@ def make_case(T, D, F, E, K, experts_TK=None, mask_E=None, frozen_E=None, poison
                 poison_unused=poison_unused)
 
 
-def run_both(case, dtype, with_backward=True):
-    """(triton outputs, torch-in-dtype outputs, fp64 outputs): (y,) or (y, dx, dWg, dWu, dWd, dw)."""
+def run_both(case, dtype, saved):
+    """(triton outputs, torch-in-dtype outputs, fp64 outputs): (y, dx, dWg, dWu, dWd, dw), then,
+    when ``saved`` (the backward uses the forward's g, u), the routed rows of g and u."""
     fwd, bwd = triton_fns()
     # Round the inputs to dtype first: the fp64 reference then sees exactly the kernel's inputs.
     rnd = lambda t: t.to(dtype).double()
@@ -82,17 +84,22 @@ def run_both(case, dtype, with_backward=True):
                                    (dtype, "cpu", (experts_fwd_ref, experts_bwd_ref), False),
                                    (torch.float64, "cpu", (experts_fwd_ref, experts_bwd_ref), False)):
         x, ws, d, w, frozen = args(dt, dev, nan_idle)
-        res = (fns[0](x, *ws, *d, w, frozen),)
-        if with_backward:
-            res += tuple(fns[1](case["dy"].to(dev, dt), x, *ws, *d, w, frozen))
+        y, g, u = fns[0](x, *ws, *d, w, frozen, save_activations=saved)
+        assert g.shape == u.shape == (d[1].shape[0] if saved else 0, ws[0].shape[1])
+        gu = dict(g_NF=g, u_NF=u) if saved else {}
+        res = (y, *fns[1](case["dy"].to(dev, dt), x, *ws, *d, w, frozen, **gu))
+        if saved:
+            routed = int(d[0][-1])  # rows past offsets[E] of g, u are unspecified (NaN here)
+            res += (g[:routed], u[:routed])
         out.append([r.detach().cpu() for r in res])
     return out
 
 
 NAMES = ("y", "dx", "d_w_gate", "d_w_up", "d_w_down", "d_weights")
+SAVED_NAMES = NAMES + ("g", "u")
 
 
-def assert_relative(got, plain, ref, dtype, names=NAMES):
+def assert_relative(got, plain, ref, dtype, names=SAVED_NAMES):
     """Relative Frobenius errors: err(triton) <= 2 err(torch in dtype) + eps(dtype) / 2."""
     for name, g, p, r in zip(names, got, plain, ref):
         assert g.shape == r.shape and g.dtype == p.dtype, (name, g.shape, g.dtype)
@@ -111,67 +118,77 @@ def assert_zero_dw(got, experts):
             assert bool((g[e] == 0).all()), f"{name}[{e}] should be exactly zero"
 
 
+SAVED = pytest.mark.parametrize("saved", [True, False], ids=["saved_gu", "recompute_gu"])
+
+
+@SAVED
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_awkward_shapes_random_routing(dtype):
+def test_awkward_shapes_random_routing(dtype, saved):
     case = make_case(T=19, D=40, F=48, E=5, K=2)
-    got, plain, ref = run_both(case, dtype)
+    got, plain, ref = run_both(case, dtype, saved)
     assert_relative(got, plain, ref, dtype)
     assert_zero_dw(got, torch.nonzero(case["idle"]).flatten().tolist())
 
 
+@SAVED
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_masked_experts_drop_mode_never_read(dtype):
+def test_masked_experts_drop_mode_never_read(dtype, saved):
     E = 6
     mask = torch.ones(E, dtype=torch.bool)
     mask[[1, 4]] = False
     case = make_case(T=24, D=32, F=40, E=E, K=3, mask_E=mask)
     assert bool(case["idle"][[1, 4]].all())  # their weights are NaN in the triton run
-    got, plain, ref = run_both(case, dtype)
+    got, plain, ref = run_both(case, dtype, saved)
     assert_relative(got, plain, ref, dtype)
     assert_zero_dw(got, [1, 4])
     dropped = case["d"].row_of_slot_TK < 0
     assert bool(dropped.any()) and bool((got[5][dropped] == 0).all())
 
 
+@SAVED
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_all_tokens_to_one_expert(dtype):
+def test_all_tokens_to_one_expert(dtype, saved):
     T, E = 21, 4  # 21 rows: two row tiles of one expert, three experts without rows
     case = make_case(T=T, D=24, F=33, E=E, K=1, experts_TK=torch.full((T, 1), 2, dtype=torch.int32))
-    got, plain, ref = run_both(case, dtype)
+    got, plain, ref = run_both(case, dtype, saved)
     assert_relative(got, plain, ref, dtype)
     assert_zero_dw(got, [0, 1, 3])
 
 
-@pytest.mark.parametrize("T,E,K", [(1, 3, 3), (13, 4, 4), (2, 6, 1)])
-def test_tiny_and_k_equals_e(T, E, K):
+@pytest.mark.parametrize("T,E,K,saved", [(1, 3, 3, True), (13, 4, 4, False), (2, 6, 1, True)])
+def test_tiny_and_k_equals_e(T, E, K, saved):
     case = make_case(T=T, D=20, F=28, E=E, K=K)
-    got, plain, ref = run_both(case, torch.float32)
+    got, plain, ref = run_both(case, torch.float32, saved)
     assert_relative(got, plain, ref, torch.float32)
 
 
-def test_zero_tokens():
+@SAVED
+def test_zero_tokens(saved):
     case = make_case(T=0, D=16, F=24, E=3, K=2)
-    got, _, ref = run_both(case, torch.float32)
-    for name, g, r in zip(NAMES, got, ref):
+    got, _, ref = run_both(case, torch.float32, saved)
+    assert len(got) == (8 if saved else 6)
+    for name, g, r in zip(SAVED_NAMES, got, ref):
         assert g.shape == r.shape, name
     assert_zero_dw(got, range(3))
 
 
-def test_every_expert_masked_gives_zeros():
+@SAVED
+def test_every_expert_masked_gives_zeros(saved):
     E = 4
     case = make_case(T=9, D=16, F=16, E=E, K=2, mask_E=torch.zeros(E, dtype=torch.bool))
-    got, _, _ = run_both(case, torch.float32)
+    got, _, _ = run_both(case, torch.float32, saved)
     for name, g in zip(NAMES, got):
         assert bool((g == 0).all()), name
 
 
+@SAVED
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_frozen_experts_get_zero_dw_others_exact(dtype):
+def test_frozen_experts_get_zero_dw_others_exact(dtype, saved):
     E = 4
     frozen = torch.tensor([True, False, True, False])
     case = make_case(T=22, D=24, F=40, E=E, K=2, frozen_E=frozen)
     assert not bool(case["idle"].any())  # frozen experts do have rows: only dW is skipped
-    got, plain, ref = run_both(case, dtype)
+    got, plain, ref = run_both(case, dtype, saved)
     # the fp64 reference already zeroes frozen dW; dx and d weights still use frozen experts
     assert_relative(got, plain, ref, dtype)
     assert_zero_dw(got, [0, 2])

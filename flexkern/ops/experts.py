@@ -11,6 +11,11 @@ The combine is a gather-sum over K (deterministic, no atomics). Experts with no 
 simply not chosen) are never read. The backward gives dx, d w_gate/w_up/w_down (zero, and not
 computed, for experts marked in ``frozen_E``) and d weights.
 
+Saved activations: with ``save_activations`` the forward also returns the pre-activations
+g_NF = x[token] w_gate^T and u_NF = x[token] w_up^T (x's dtype, rows past offsets[E] unspecified),
+and the backward given them skips the two GEMMs that would recompute them. Without it they are
+(0, F) tensors and the backward recomputes g and u from x.
+
 The reference here works on any device: on the CPU it loops over the experts that have rows; on
 CUDA it stays free of host synchronisation by running every expert over all N rows and selecting
 (an oracle, E times the work — the Triton backend is the fast path there).
@@ -77,25 +82,37 @@ def _combine(o_ND, row_of_slot_TK, weights_TK, out_dtype):
 
 
 def experts_fwd_ref(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
-    """Reference forward. ``sync_free`` picks the loop (False) or the select-over-all-rows (True)
-    formulation; by default the loop on the CPU and select on CUDA."""
-    N, D = token_of_row_N.shape[0], x_TD.shape[1]
+                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None, *,
+                    save_activations=False):
+    """Reference forward. Returns (y_TD, g_NF, u_NF), all in x's dtype; g_NF, u_NF are the gate
+    and up pre-activations of every row when ``save_activations``, else (0, F) tensors.
+
+    ``sync_free`` picks the loop (False) or the select-over-all-rows (True) formulation; by
+    default the loop on the CPU and select on CUDA."""
+    N, D, Fw = token_of_row_N.shape[0], x_TD.shape[1], w_gate_EFD.shape[1]
     x_ND = _gather_x(x_TD, token_of_row_N)
     o_ND = x_TD.new_zeros((N, D))
+    g_NF, u_NF = (x_TD.new_zeros((N if save_activations else 0, Fw)) for _ in range(2))
     for e, rows in _expert_rows(offsets_E1, N, _sync_free(offsets_E1, sync_free)):
         x_rD = rows.take(x_ND)
-        h_rF = F.silu(x_rD @ w_gate_EFD[e].t()) * (x_rD @ w_up_EFD[e].t())
-        o_ND = rows.put(o_ND, h_rF @ w_down_EDF[e].t())
-    return _combine(o_ND, row_of_slot_TK, weights_TK, x_TD.dtype)
+        g_rF, u_rF = x_rD @ w_gate_EFD[e].t(), x_rD @ w_up_EFD[e].t()
+        if save_activations:
+            g_NF, u_NF = rows.put(g_NF, g_rF), rows.put(u_NF, u_rF)
+        o_ND = rows.put(o_ND, (F.silu(g_rF) * u_rF) @ w_down_EDF[e].t())
+    return _combine(o_ND, row_of_slot_TK, weights_TK, x_TD.dtype), g_NF, u_NF
 
 
 def experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
-    """Returns (dx_TD, d_w_gate, d_w_up, d_w_down, d_weights_TK)."""
+                    slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None, *,
+                    g_NF=None, u_NF=None):
+    """Returns (dx_TD, d_w_gate, d_w_up, d_w_down, d_weights_TK).
+
+    g_NF, u_NF (N, F), x's dtype: the forward's saved pre-activations, used instead of
+    recomputing them (both or neither)."""
     sync_free = _sync_free(offsets_E1, sync_free)
     dt, cd = x_TD.dtype, compute_dtype(x_TD.dtype)
     N, (T, K), D = token_of_row_N.shape[0], row_of_slot_TK.shape, x_TD.shape[1]
+    saved = check_saved_activations(g_NF, u_NF, N, w_gate_EFD.shape[1], dt)
     used_N1 = (slot_of_row_N >= 0)[:, None]
     x_ND = _gather_x(x_TD, token_of_row_N)
     # d o_r = weights[slot(r)] * dy[token(r)]
@@ -107,8 +124,11 @@ def experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, t
     frozen = frozen_E.tolist() if frozen_E is not None and not sync_free else None
     for e, rows in _expert_rows(offsets_E1, N, sync_free):
         x_rD, do_rD = rows.take(x_ND), rows.take(do_ND)
-        g_rF = (x_rD @ w_gate_EFD[e].t()).to(cd)
-        u_rF = (x_rD @ w_up_EFD[e].t()).to(cd)
+        if saved:
+            g_rF, u_rF = rows.take(g_NF).to(cd), rows.take(u_NF).to(cd)
+        else:
+            g_rF = (x_rD @ w_gate_EFD[e].t()).to(cd)
+            u_rF = (x_rD @ w_up_EFD[e].t()).to(cd)
         sig = torch.sigmoid(g_rF)
         silu_rF = g_rF * sig
         h_rF = rows.zero_outside((silu_rF * u_rF).to(dt))
@@ -133,6 +153,20 @@ def experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, t
     return dx_TD, d_gate, d_up, d_down, d_weights_TK.to(weights_TK.dtype)
 
 
+def check_saved_activations(g_NF, u_NF, N: int, F: int, dtype: torch.dtype) -> bool:
+    """True when the backward got the forward's g_NF, u_NF (N, F) in ``dtype``; False for neither."""
+    if g_NF is None and u_NF is None:
+        return False
+    if g_NF is None or u_NF is None:
+        raise ValueError("give both g_NF and u_NF, or neither")
+    for name, t in (("g_NF", g_NF), ("u_NF", u_NF)):
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+        if tuple(t.shape) != (N, F):
+            raise ValueError(f"{name} must have shape ({N}, {F}), got {tuple(t.shape)}")
+    return True
+
+
 _backend.register("experts_swiglu", "reference", experts_fwd_ref)
 _backend.register("experts_swiglu_backward", "reference", experts_bwd_ref)
 
@@ -142,15 +176,20 @@ def _experts_op(
     x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
     offsets_E1: torch.Tensor, token_of_row_N: torch.Tensor, slot_of_row_N: torch.Tensor,
     row_of_slot_TK: torch.Tensor, weights_TK: torch.Tensor, frozen_E: torch.Tensor | None, backend: str,
-) -> torch.Tensor:
+    save_activations: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y_TD, g_NF, u_NF); g_NF, u_NF are (0, F) unless ``save_activations``."""
     _, fn = _backend.lookup("experts_swiglu", backend, x_TD.device)
     return fn(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
-              row_of_slot_TK, weights_TK, frozen_E)
+              row_of_slot_TK, weights_TK, frozen_E, save_activations=save_activations)
 
 
 @_experts_op.register_fake
-def _(x_TD, *args):
-    return torch.empty_like(x_TD)
+def _(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
+      row_of_slot_TK, weights_TK, frozen_E, backend, save_activations):
+    rows = token_of_row_N.shape[0] if save_activations else 0
+    shape_NF = (rows, w_gate_EFD.shape[1])
+    return torch.empty_like(x_TD), x_TD.new_empty(shape_NF), x_TD.new_empty(shape_NF)
 
 
 @torch.library.custom_op("flexkern::experts_swiglu_backward", mutates_args=())
@@ -158,29 +197,36 @@ def _experts_bwd_op(
     dy_TD: torch.Tensor, x_TD: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Tensor,
     w_down_EDF: torch.Tensor, offsets_E1: torch.Tensor, token_of_row_N: torch.Tensor,
     slot_of_row_N: torch.Tensor, row_of_slot_TK: torch.Tensor, weights_TK: torch.Tensor,
-    frozen_E: torch.Tensor | None, backend: str,
+    frozen_E: torch.Tensor | None, backend: str, g_NF: torch.Tensor | None = None,
+    u_NF: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """g_NF, u_NF: the forward's saved pre-activations, or None to recompute them."""
     _, fn = _backend.lookup("experts_swiglu_backward", backend, x_TD.device)
     return fn(dy_TD.contiguous(), x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
-              token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E)
+              token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E,
+              g_NF=g_NF, u_NF=u_NF)
 
 
 @_experts_bwd_op.register_fake
 def _(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
-      row_of_slot_TK, weights_TK, frozen_E, backend):
+      row_of_slot_TK, weights_TK, frozen_E, backend, g_NF=None, u_NF=None):
     return (torch.empty_like(x_TD), torch.empty_like(w_gate_EFD), torch.empty_like(w_up_EFD),
             torch.empty_like(w_down_EDF), torch.empty_like(weights_TK))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10])
-    ctx.backend = inputs[10]
+    _, g_NF, u_NF = output
+    ctx.mark_non_differentiable(g_NF, u_NF)  # saved for the backward, not an output of the layer
+    ctx.save_for_backward(*inputs[:10], g_NF, u_NF)
+    ctx.backend, ctx.saved_activations = inputs[10], inputs[11]
 
 
-def _backward(ctx, dy_TD):
-    saved = ctx.saved_tensors
-    dx, d_gate, d_up, d_down, d_weights = _experts_bwd_op(dy_TD, *saved, ctx.backend)
-    return dx, d_gate, d_up, d_down, None, None, None, None, d_weights, None, None
+def _backward(ctx, dy_TD, _dg_NF, _du_NF):
+    *inputs, g_NF, u_NF = ctx.saved_tensors
+    if not ctx.saved_activations:
+        g_NF = u_NF = None
+    dx, d_gate, d_up, d_down, d_weights = _experts_bwd_op(dy_TD, *inputs, ctx.backend, g_NF, u_NF)
+    return dx, d_gate, d_up, d_down, None, None, None, None, d_weights, None, None, None
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup_context)
@@ -200,6 +246,9 @@ def experts_swiglu(
 
     ``frozen_E`` (bool, E) marks experts whose weight gradients are not wanted: the backward
     returns zeros for them without computing anything.
+    When a gradient will be taken (grad mode on and an input requires grad), the forward keeps
+    the pre-activations g, u (two N x F tensors in x's dtype, N = T*K) so the backward does not
+    recompute them.
     """
     check_tensor("x", x_TD, ndim=2, dtypes=FLOAT_DTYPES)
     dev, dt = x_TD.device, x_TD.dtype
@@ -224,7 +273,11 @@ def experts_swiglu(
     if frozen_E is not None:
         check_tensor("frozen", frozen_E, ndim=1, dtypes=(torch.bool,), device=dev)
         check_shape("frozen", frozen_E, (E,))
-    return _experts_op(
+    # Keep g and u for the backward only when there will be one.
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK))
+    y_TD, _, _ = _experts_op(
         x_TD.contiguous(), w_gate_EFD.contiguous(), w_up_EFD.contiguous(), w_down_EDF.contiguous(),
-        *dispatch.tensors(), weights_TK.contiguous(), frozen_E, _backend.requested(backend),
+        *dispatch.tensors(), weights_TK.contiguous(), frozen_E, _backend.requested(backend), save,
     )
+    return y_TD

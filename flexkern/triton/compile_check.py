@@ -46,16 +46,17 @@ def kernels_of(table, dt: str):
     prec = "ieee" if dt == "fp32" else "tf32"
     ptr = f"*{dt}"
     idx = dict(offsets_ptr="*i64", token_ptr="*i32", slot_ptr="*i32", row_of_slot_ptr="*i32")
-    gemm_t = dict(idx, a_ptr=ptr, a2_ptr=ptr, b_ptr=ptr, b2_ptr=ptr, c_ptr=ptr)
+    gemm_t = dict(idx, a_ptr=ptr, a2_ptr=ptr, b_ptr=ptr, b2_ptr=ptr, c_ptr=ptr, g_ptr=ptr, u_ptr=ptr)
 
-    def gemm(cfg, mode, gather):
-        consts = dict(GATHER_A=gather, MODE=mode.value, PRECISION=prec, BLOCK_M=cfg.block_m,
+    def gemm(cfg, mode, gather, save=False):
+        consts = dict(GATHER_A=gather, MODE=mode.value, SAVE_GU=save, PRECISION=prec, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_E=64, GROUP_M=cfg.group_m)
         consts["stride_bn" if mode.value == gg.MODE_DUAL.value else "stride_bk"] = 1
         return consts
 
     rec_t = dict(idx, weights_ptr="*fp32", pdw_ptr="*fp32",
-                 **{n: ptr for n in ("x_ptr", "dy_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "h_ptr", "dg_ptr", "du_ptr")})
+                 **{n: ptr for n in ("x_ptr", "dy_ptr", "wg_ptr", "wu_ptr", "wd_ptr", "h_ptr", "dg_ptr",
+                                     "du_ptr", "g_ptr", "u_ptr")})
     wg_t = dict(idx, weights_ptr="*fp32", frozen_ptr="*u8",
                 **{n: ptr for n in ("a_ptr", "a2_ptr", "b_ptr", "out_ptr", "out2_ptr")})
 
@@ -63,13 +64,18 @@ def kernels_of(table, dt: str):
         return dict(A_BY_TOKEN=not two, B_BY_TOKEN=two, TWO=two, HAS_FROZEN=True, PRECISION=prec,
                     BLOCK_P=cfg.block_m, BLOCK_Q=cfg.block_n, BLOCK_R=cfg.block_k)
 
+    def recompute(cfg, load_gu):
+        return dict(LOAD_GU=load_gu, PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    BLOCK_K=cfg.block_k, BLOCK_E=64, GROUP_M=cfg.group_m)
+
     t = table
     return [
         ("gate_up", gg.grouped_gemm_kernel, gemm_t, gemm(t.gate_up, gg.MODE_SWIGLU, True), t.gate_up),
+        ("gate_up_save", gg.grouped_gemm_kernel, gemm_t, gemm(t.gate_up, gg.MODE_SWIGLU, True, True),
+         t.gate_up),
         ("down", gg.grouped_gemm_kernel, gemm_t, gemm(t.down, gg.MODE_PLAIN, False), t.down),
-        ("recompute", gb.recompute_kernel, rec_t,
-         dict(PRECISION=prec, BLOCK_M=t.recompute.block_m, BLOCK_N=t.recompute.block_n,
-              BLOCK_K=t.recompute.block_k, BLOCK_E=64, GROUP_M=t.recompute.group_m), t.recompute),
+        ("recompute", gb.recompute_kernel, rec_t, recompute(t.recompute, False), t.recompute),
+        ("recompute_saved", gb.recompute_kernel, rec_t, recompute(t.recompute, True), t.recompute),
         ("dx", gg.grouped_gemm_kernel, gemm_t, gemm(t.dx, gg.MODE_DUAL, False), t.dx),
         ("wgrad_gate_up", gb.wgrad_kernel, wg_t, wgrad(t.wgrad, True), t.wgrad),
         ("wgrad_down", gb.wgrad_kernel, wg_t, wgrad(t.wgrad, False), t.wgrad),
@@ -102,11 +108,11 @@ def main(argv=None) -> int:
             try:
                 shared = _compile(fn, types, consts, cfg, args.arch).metadata.shared
                 ok = shared <= limit
-                print(f"sm_{args.arch} {args.dtype} {name:16s} {label:14s} shared {shared:7d} B"
+                print(f"sm_{args.arch} {args.dtype} {name:16s} {label:15s} shared {shared:7d} B"
                       + ("" if ok else f"  > {limit}"))
             except Exception as exc:  # report every failing entry, not just the first
                 ok = False
-                print(f"sm_{args.arch} {args.dtype} {name:16s} {label:14s} FAILED: {exc!r}"[:400])
+                print(f"sm_{args.arch} {args.dtype} {name:16s} {label:15s} FAILED: {exc!r}"[:400])
             failed += not ok
     print(f"{failed} failed")
     return 1 if failed else 0

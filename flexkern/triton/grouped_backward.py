@@ -3,6 +3,7 @@
 recompute_kernel   per row tile of one expert and one F tile, one loop over D with three dots:
                        g = x w_gate^T, u = x w_up^T (x rows gathered by token),
                        s = dy w_down (dy rows gathered by token, not yet scaled),
+                   or, with LOAD_GU, one dot (s) and g, u read from the forward's saved G, U;
                    then the fused SwiGLU backward with dh = weight(slot) * s:
                        h = silu(g) u,  dg = dh u sig (1 + g (1 - sig)),  du = dh silu(g)
                    and the partial d weights sum_f h * s of this F tile (o . dy without forming o).
@@ -10,9 +11,9 @@ wgrad_kernel       out[e] = A[rows(e)]^T @ B[rows(e)] per expert, reduced over t
                    read from offsets_E1 on the device; frozen experts and experts without rows run
                    no loop iterations (nothing read) and store zeros.
 
-h is recomputed here rather than saved by the forward: the op saves only its inputs, and the
-recompute shares the loop over D with the dh GEMM, so it costs two extra dots per tile and no
-N x F activation memory between forward and backward.
+h is never saved: it is formed here from g and u. Loading g and u (saved by the forward) costs
+2 N x F activation memory between forward and backward; recomputing them shares the loop over D
+with the dh GEMM and costs two extra dots per tile instead. Rows past offsets[E] are never read.
 """
 import triton
 import triton.language as tl
@@ -25,10 +26,10 @@ from .schedule import expert_tile, swizzle
 @triton.jit
 def recompute_kernel(
     x_ptr, dy_ptr, wg_ptr, wu_ptr, wd_ptr, weights_ptr,
-    h_ptr, dg_ptr, du_ptr, pdw_ptr,
+    h_ptr, dg_ptr, du_ptr, pdw_ptr, g_ptr, u_ptr,
     offsets_ptr, token_ptr, slot_ptr,
     D, F, E, N, num_m, num_n,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LOAD_GU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -52,32 +53,37 @@ def recompute_kernel(
     wu_ptrs = wu_ptr + w_base + fs[None, :] * D + ks[:, None]
     wd_ptrs = wd_ptr + w_base + ks[:, None] * F + fs[None, :]   # w_down[e] tile (k over D, f)
 
-    g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     s = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    if not LOAD_GU:
+        g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, D, BLOCK_K):
         k_ok = (k0 + ks) < D
         a_mask = row_ok[:, None] & k_ok[None, :]
         w_mask = k_ok[:, None] & f_ok[None, :]
-        x = tl.load(x_ptrs, mask=a_mask, other=0.0)
+        if not LOAD_GU:
+            x = tl.load(x_ptrs, mask=a_mask, other=0.0)
+            g = tl.dot(x, tl.load(wg_ptrs, mask=w_mask, other=0.0), g, input_precision=PRECISION)
+            u = tl.dot(x, tl.load(wu_ptrs, mask=w_mask, other=0.0), u, input_precision=PRECISION)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
         dy = tl.load(dy_ptrs, mask=a_mask, other=0.0)
-        g = tl.dot(x, tl.load(wg_ptrs, mask=w_mask, other=0.0), g, input_precision=PRECISION)
-        u = tl.dot(x, tl.load(wu_ptrs, mask=w_mask, other=0.0), u, input_precision=PRECISION)
         s = tl.dot(dy, tl.load(wd_ptrs, mask=w_mask, other=0.0), s, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
         dy_ptrs += BLOCK_K
-        wg_ptrs += BLOCK_K
-        wu_ptrs += BLOCK_K
         wd_ptrs += BLOCK_K * F
 
+    out_mask = row_ok[:, None] & f_ok[None, :]
+    out_off = rows[:, None] * F + fs[None, :]
+    if LOAD_GU:  # the forward's g, u (rows of this expert only, all < offsets[E])
+        g = tl.load(g_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + out_off, mask=out_mask, other=0.0).to(tl.float32)
     sig = sigmoid(g)
     silu = g * sig
     h = (silu * u).to(h_ptr.dtype.element_ty)
     dh = s * w_row[:, None]
     dg = dh * u * sig * (1.0 + g * (1.0 - sig))
     du = dh * silu
-    out_mask = row_ok[:, None] & f_ok[None, :]
-    out_off = rows[:, None] * F + fs[None, :]
     tl.store(h_ptr + out_off, h, mask=out_mask)
     tl.store(dg_ptr + out_off, dg.to(dg_ptr.dtype.element_ty), mask=out_mask)
     tl.store(du_ptr + out_off, du.to(du_ptr.dtype.element_ty), mask=out_mask)

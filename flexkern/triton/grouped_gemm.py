@@ -8,6 +8,8 @@ epilogues chosen at compile time (MODE):
 Rows are grouped by expert (offsets_E1). With GATHER_A the A rows are read at token_of_row_N[r]
 inside the load, so x is never copied into expert order. B[e] is addressed by strides so the same
 kernel reads a weight either transposed or not. Accumulation is float32; C is stored in its dtype.
+With SAVE_GU (MODE_SWIGLU only) the two accumulators before the epilogue, g = A @ B and
+u = A @ B2, are also stored to G and U (row stride stride_c, C's dtype) for the backward.
 """
 import triton
 import triton.language as tl
@@ -22,10 +24,10 @@ MODE_PLAIN, MODE_SWIGLU, MODE_DUAL = tl.constexpr(0), tl.constexpr(1), tl.conste
 
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, a2_ptr, b_ptr, b2_ptr, c_ptr, offsets_ptr, token_ptr,
+    a_ptr, a2_ptr, b_ptr, b2_ptr, c_ptr, g_ptr, u_ptr, offsets_ptr, token_ptr,
     K, N_OUT, E, num_m, num_n,
     stride_a, stride_be, stride_bk, stride_bn, stride_c,
-    GATHER_A: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER_A: tl.constexpr, MODE: tl.constexpr, SAVE_GU: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -75,7 +77,11 @@ def grouped_gemm_kernel(
         if MODE != MODE_PLAIN:
             b2_ptrs += BLOCK_K * stride_bk
 
+    c_off = rows[:, None] * stride_c + cols[None, :]
+    c_mask = row_ok[:, None] & col_ok[None, :]
     if MODE == MODE_SWIGLU:
+        if SAVE_GU:  # pre-activations for the backward (it then skips two GEMMs)
+            tl.store(g_ptr + c_off, acc.to(g_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(u_ptr + c_off, acc2.to(u_ptr.dtype.element_ty), mask=c_mask)
         acc = acc * sigmoid(acc) * acc2  # SwiGLU epilogue: silu(gate) * up
-    c_ptrs = c_ptr + rows[:, None] * stride_c + cols[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)

@@ -2,17 +2,19 @@
 
 Forward (three launches, no host synchronisation, every buffer sized by shapes only):
     h_NF = silu(x[token] w_gate^T) * (x[token] w_up^T)      grouped_gemm MODE_SWIGLU, gathered x
+                                                           (save_activations: also g_NF, u_NF)
     o_ND = h_NF w_down^T                                    grouped_gemm MODE_PLAIN
     y_TD = sum_k weights[t, k] o[row_of_slot[t, k]]         gather_sum (fp32, no atomics)
 Backward (six launches):
-    h, dg, du, partial d weights                            recompute_kernel (h recomputed, not saved)
+    h, dg, du, partial d weights                            recompute_kernel (h from saved or recomputed g, u)
     d w_down = (weights dy[token])^T h                      wgrad_kernel
     dx_ND = dg w_gate + du w_up;  dx_TD = sum_k dx rows     grouped_gemm MODE_DUAL + gather_sum
     d weights = sum over F tiles of the partials            slot_sum_kernel
     d w_gate, d w_up = dg^T x[token], du^T x[token]         wgrad_kernel (frozen experts: zeros only)
 
-The op saves only its inputs, so the backward recomputes g and u (two of its eight GEMM passes):
-fwd+bwd costs 22 N·D·F FLOPs instead of 18, and no N x F activation is held between the passes.
+Given the forward's g_NF, u_NF (save_activations=True) the backward loads them, and fwd+bwd
+costs 18 N·D·F FLOPs for 2 N x F activations held between the passes. Without them it recomputes
+g and u (two more GEMM passes, 22 N·D·F FLOPs) and holds no activation.
 
 Setting FLEXKERN_TRITON_POISON=1 fills every buffer with NaN before the kernels write it (tests).
 float64 inputs go to the reference (tl.dot has no float64 path).
@@ -26,7 +28,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from ..ops.experts import experts_bwd_ref, experts_fwd_ref
+from ..ops.experts import check_saved_activations, experts_bwd_ref, experts_fwd_ref
 from .configs import SAFE, TileConfig, max_row_tiles, pick
 
 _POISON_ENV = "FLEXKERN_TRITON_POISON"
@@ -69,21 +71,23 @@ def _run(name: str, launch, cfg: TileConfig):
 
 
 def _grouped_gemm(a, a2, b, b2, c, offsets_E1, token_of_row_N, *, k, n_out, stride_be, stride_bk,
-                  stride_bn, gather_a, mode, cfg):
-    """c[rows of e] = epilogue(a[rows] @ B[e]); B[e][kk, n] at b + e*stride_be + kk*stride_bk + n*stride_bn."""
+                  stride_bn, gather_a, mode, cfg, g=None, u=None):
+    """c[rows of e] = epilogue(a[rows] @ B[e]); B[e][kk, n] at b + e*stride_be + kk*stride_bk + n*stride_bn.
+    g, u (MODE_SWIGLU, laid out like c): also store the two products before the epilogue."""
     gg, _, _ = _kernels()
     N, E = c.shape[0], offsets_E1.shape[0] - 1
 
     def launch(cf):
         num_m, num_n = max_row_tiles(N, E, cf.block_m), triton.cdiv(n_out, cf.block_n)
         gg.grouped_gemm_kernel[(num_m * num_n,)](
-            a, a if a2 is None else a2, b, b if b2 is None else b2, c, offsets_E1, token_of_row_N,
+            a, a if a2 is None else a2, b, b if b2 is None else b2, c, c if g is None else g,
+            c if u is None else u, offsets_E1, token_of_row_N,
             k, n_out, E, num_m, num_n, a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
-            GATHER_A=gather_a, MODE=mode.value, PRECISION=_precision(a.dtype),
+            GATHER_A=gather_a, MODE=mode.value, SAVE_GU=g is not None, PRECISION=_precision(a.dtype),
             BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k, BLOCK_E=_block_e(E),
             GROUP_M=cf.group_m, num_warps=cf.num_warps, num_stages=cf.num_stages)
 
-    _run(f"grouped_gemm{mode}", launch, cfg)
+    _run(f"grouped_gemm{mode}{'_save' if g is not None else ''}", launch, cfg)
 
 
 def _gather_sum(src_ND, row_of_slot_TK, scale_TK, out_TD, cfg):
@@ -123,20 +127,24 @@ def _check_sizes(D: int, F: int) -> None:
 
 
 def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                       slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
-    """Same contract as flexkern.ops.experts_fwd_ref; returns y_TD in x's dtype.
+                       slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None, *,
+                       save_activations=False):
+    """Same contract as flexkern.ops.experts_fwd_ref: returns (y_TD, g_NF, u_NF) in x's dtype,
+    g_NF, u_NF (N, F) when ``save_activations`` (rows past offsets[E] unwritten), else (0, F).
 
     ``sync_free`` is accepted for signature parity: this path never synchronises."""
     if x_TD.dtype == torch.float64:
         return experts_fwd_ref(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                               slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E)
+                               slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E,
+                               save_activations=save_activations)
     gg, _, _ = _kernels()
     dev, dt = x_TD.device, x_TD.dtype
     (T, D), (E, F, _), N = x_TD.shape, w_gate_EFD.shape, token_of_row_N.shape[0]
     _check_sizes(D, F)
     y_TD = _buffer((T, D), dt, dev)
+    g_NF, u_NF = (_buffer((N if save_activations else 0, F), dt, dev) for _ in range(2))
     if N == 0:
-        return y_TD
+        return y_TD, g_NF, u_NF
     cfg = pick(dev, dt, N, E)
     x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1, token_of_row_N, row_of_slot_TK = (
         t.contiguous() for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1,
@@ -145,7 +153,8 @@ def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token
     # w_gate[e] (F, D) read as B[kk over D, n over F]
     _grouped_gemm(x_TD, None, w_gate_EFD, w_up_EFD, h_NF, offsets_E1, token_of_row_N, k=D, n_out=F,
                   stride_be=F * D, stride_bk=1, stride_bn=D, gather_a=True, mode=gg.MODE_SWIGLU,
-                  cfg=cfg.gate_up)
+                  cfg=cfg.gate_up, g=g_NF if save_activations else None,
+                  u=u_NF if save_activations else None)
     o_ND = _buffer((N, D), dt, dev)
     # w_down[e] (D, F) read as B[kk over F, n over D]
     _grouped_gemm(h_NF, None, w_down_EDF, None, o_ND, offsets_E1, token_of_row_N, k=F, n_out=D,
@@ -153,21 +162,25 @@ def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token
                   cfg=cfg.down)
     del h_NF
     _gather_sum(o_ND, row_of_slot_TK, weights_TK, y_TD, cfg.combine)
-    return y_TD
+    return y_TD, g_NF, u_NF
 
 
 def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                       slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None):
+                       slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None, *,
+                       g_NF=None, u_NF=None):
     """Same contract as flexkern.ops.experts_bwd_ref:
-    returns (dx_TD, d_w_gate_EFD, d_w_up_EFD, d_w_down_EDF, d_weights_TK)."""
+    returns (dx_TD, d_w_gate_EFD, d_w_up_EFD, d_w_down_EDF, d_weights_TK).
+    g_NF, u_NF: the forward's saved pre-activations (both or neither); None recomputes them."""
     if x_TD.dtype == torch.float64:
         return experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
-                               token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E)
+                               token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E,
+                               g_NF=g_NF, u_NF=u_NF)
     gg, gb, cb = _kernels()
     dev, dt = x_TD.device, x_TD.dtype
     (T, D), (E, F, _), N = x_TD.shape, w_gate_EFD.shape, token_of_row_N.shape[0]
     K = row_of_slot_TK.shape[1]
     _check_sizes(D, F)
+    saved = check_saved_activations(g_NF, u_NF, N, F, dt)
     if N == 0:
         zeros = [torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF)]
         return (_buffer((T, D), dt, dev), *zeros, _buffer((T, K), weights_TK.dtype, dev))
@@ -176,6 +189,8 @@ def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1
     (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1, token_of_row_N, slot_of_row_N,
      row_of_slot_TK) = (t.contiguous() for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK,
                                                  offsets_E1, token_of_row_N, slot_of_row_N, row_of_slot_TK))
+    if saved:
+        g_NF, u_NF = g_NF.contiguous(), u_NF.contiguous()
     h_NF, dg_NF, du_NF = (_buffer((N, F), dt, dev) for _ in range(3))
     d_down = _buffer(w_down_EDF.shape, dt, dev)
 
@@ -184,12 +199,13 @@ def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1
         part_PN = _buffer((num_n, N), torch.float32, dev)
         gb.recompute_kernel[(num_m * num_n,)](
             x_TD, dy_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, h_NF, dg_NF, du_NF, part_PN,
+            g_NF if saved else h_NF, u_NF if saved else h_NF,
             offsets_E1, token_of_row_N, slot_of_row_N, D, F, E, N, num_m, num_n,
-            PRECISION=_precision(dt), BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k,
+            LOAD_GU=saved, PRECISION=_precision(dt), BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k,
             BLOCK_E=_block_e(E), GROUP_M=cf.group_m, num_warps=cf.num_warps, num_stages=cf.num_stages)
         return part_PN
 
-    part_PN = _run("recompute", recompute, cfg.recompute)
+    part_PN = _run("recompute_saved" if saved else "recompute", recompute, cfg.recompute)
     # d w_down[e] = sum_r (weights[slot] dy[token])_r^T h_r
     _wgrad(dy_TD, None, h_NF, d_down, None, offsets_E1, token_of_row_N, slot_of_row_N, weights_TK,
            frozen_E, a_by_token=True, b_by_token=False, cfg=cfg.wgrad)
