@@ -40,7 +40,7 @@ def rounded(case, dtype):
     return dict(case, x=r(case["x"]), ws=[r(w) for w in case["ws"]], dy=r(case["dy"]))
 
 
-def run(case, fwd, bwd, dtype, device, nan_idle):
+def run(case, fwd, bwd, dtype, device, nan_idle, saved):
     ws = [w.to(device, dtype) for w in case["ws"]]
     if nan_idle:
         ws = [torch.where(case["idle"].to(device)[:, None, None], float("nan"), w) for w in ws]
@@ -48,8 +48,9 @@ def run(case, fwd, bwd, dtype, device, nan_idle):
     w = case["weights"].to(device)
     frozen = None if case["frozen"] is None else case["frozen"].to(device)
     x = case["x"].to(device, dtype)
-    y = fwd(x, *ws, *d, w, frozen)
-    grads = bwd(case["dy"].to(device, dtype), x, *ws, *d, w, frozen)
+    y, g, u = fwd(x, *ws, *d, w, frozen, save_activations=saved)
+    gu = dict(g_NF=g, u_NF=u) if saved else {}  # saved: the backward loads g, u
+    grads = bwd(case["dy"].to(device, dtype), x, *ws, *d, w, frozen, **gu)
     return [t.double().cpu() for t in (y, *grads)]
 
 
@@ -61,7 +62,8 @@ def rel_err(a, ref):
     (torch.bfloat16, "decode"), (torch.bfloat16, "medium"), (torch.bfloat16, "large"),
     (torch.float16, "medium"), (torch.float32, "medium"),
 ])
-def test_triton_vs_reference_relative_to_torch(dtype, regime, monkeypatch):
+@pytest.mark.parametrize("saved", [True, False])
+def test_triton_vs_reference_relative_to_torch(dtype, regime, saved, monkeypatch):
     monkeypatch.setenv("FLEXKERN_TRITON_POISON", "1")
     fwd, bwd = triton_fns()
     E = 8
@@ -72,9 +74,9 @@ def test_triton_vs_reference_relative_to_torch(dtype, regime, monkeypatch):
     shape = {"decode": dict(T=7, D=256, F=192), "medium": dict(T=300, D=200, F=296),
              "large": dict(T=1100, D=512, F=384)}[regime]
     case = rounded(make_case(E=E, K=2, mask_E=mask, frozen_E=frozen, **shape), dtype)
-    got = run(case, fwd, bwd, dtype, "cuda", nan_idle=True)
-    plain = run(case, experts_fwd_ref, experts_bwd_ref, dtype, "cuda", nan_idle=False)
-    ref = run(case, experts_fwd_ref, experts_bwd_ref, torch.float64, "cpu", nan_idle=False)
+    got = run(case, fwd, bwd, dtype, "cuda", nan_idle=True, saved=saved)
+    plain = run(case, experts_fwd_ref, experts_bwd_ref, dtype, "cuda", nan_idle=False, saved=saved)
+    ref = run(case, experts_fwd_ref, experts_bwd_ref, torch.float64, "cpu", nan_idle=False, saved=saved)
     torch.cuda.synchronize()
     for name, g, p, r in zip(NAMES, got, plain, ref):
         assert bool(torch.isfinite(g).all()), name
@@ -101,8 +103,8 @@ def test_deterministic_and_cuda_graph_capture():
     s_w = torch.rand(T, K, device=dev)
 
     def step():
-        y = fwd(s_x, *ws, *s_d, s_w, frozen)
-        return (y, *bwd(s_dy, s_x, *ws, *s_d, s_w, frozen))
+        y, g, u = fwd(s_x, *ws, *s_d, s_w, frozen, save_activations=True)
+        return (y, *bwd(s_dy, s_x, *ws, *s_d, s_w, frozen, g_NF=g, u_NF=u))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -139,8 +141,8 @@ def test_row_offsets_past_2_pow_31_elements():
     d = dispatch_ref(experts, E, None)  # the last expert's rows start past 2^31 / D
     x, dy = torch.randn(T, D, device=dev, dtype=dt), torch.randn(T, D, device=dev, dtype=dt)
     w = torch.rand(T, K, device=dev)
-    y = fwd(x, *ws, *d, w, None)
-    dx, *_, dwt = bwd(dy, x, *ws, *d, w, None)
+    y, g, u = fwd(x, *ws, *d, w, None, save_activations=True)
+    dx, *_, dwt = bwd(dy, x, *ws, *d, w, None, g_NF=g, u_NF=u)
     del _
     tail = torch.arange(T - 8, T, device=dev)
 
