@@ -68,8 +68,10 @@ def kernel_breakdown(fwd, bwd) -> list[tuple[str, float]]:
 def sweep(shape) -> dict:
     x, ws, disp, weights, dy = make_inputs(shape)
     args = (x, *ws, *disp.tensors(), weights, None)
-    fwd = lambda: triton_ops.experts_fwd_triton(*args)  # noqa: E731
-    bwd = lambda: triton_ops.experts_bwd_triton(dy, *args)  # noqa: E731
+    # The training path: the forward saves the gate/up pre-activations, the backward loads them.
+    fwd = lambda: triton_ops.experts_fwd_triton(*args, save_activations=True)  # noqa: E731
+    _, g_NF, u_NF = fwd()
+    bwd = lambda: triton_ops.experts_bwd_triton(dy, *args, g_NF=g_NF, u_NF=u_NF)  # noqa: E731
     base = configs.pick(x.device, x.dtype, disp.token_of_row_N.shape[0], shape.E)
     result = {"shape": shape.as_dict(), "base": dataclasses.asdict(base), "roles": {}}
     try:
