@@ -209,3 +209,15 @@ def test_module_property(T, D, F, E, data):
     moe.expert_mask.copy_(torch.tensor(mask))
     x = torch.randn(T, D, dtype=torch.float64)
     assert_rel(moe(x), oracle(moe, x)) if T else None
+
+
+def test_recompute_activations_gives_the_same_gradients():
+    moe = make_moe(E=4, K=2)
+    x = torch.randn(15, 8, dtype=torch.float64, requires_grad=True)
+    params = [x, moe.router.weight, moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj]
+    dy = torch.randn(15, 8, dtype=torch.float64)
+    saved = torch.autograd.grad(moe(x), params, dy)
+    moe.recompute_activations = True
+    recomputed = torch.autograd.grad(moe(x), params, dy)
+    for a, b in zip(saved, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -49,6 +49,7 @@ class FlexMoE(nn.Module):
         renormalize: bool = False,
         mask_mode: str = "reroute",
         backend: str | None = None,
+        recompute_activations: bool = False,
         device=None,
         dtype=None,
     ):
@@ -63,6 +64,9 @@ class FlexMoE(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.top_k = d_model, d_ff, top_k
         self.renormalize, self.mask_mode, self.backend = renormalize, mask_mode, backend
+        # False: keep the experts' gate/up pre-activations for the backward (faster);
+        # True: recompute them there (2·T·K·d_ff fewer elements held between forward and backward).
+        self.recompute_activations = recompute_activations
         self.router = Router(d_model, num_experts, router_bias, **factory)
         self.experts = Experts(d_model, d_ff, num_experts, **factory)
         self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device), persistent=False)
@@ -133,7 +137,7 @@ class FlexMoE(nn.Module):
         disp = ops.dispatch(experts_TK, self.num_experts, self.expert_mask, self.backend, validate=False)
         y_TD = ops.experts_swiglu(
             x_TD, self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj, disp,
-            weights_TK, frozen_E, self.backend,
+            weights_TK, frozen_E, self.backend, self.recompute_activations,
         )
         return y_TD.view(x.shape)
 

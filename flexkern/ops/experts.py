@@ -241,6 +241,7 @@ def experts_swiglu(
     weights_TK: torch.Tensor,
     frozen_E: torch.Tensor | None = None,
     backend: str | None = None,
+    recompute_activations: bool = False,
 ) -> torch.Tensor:
     """Grouped SwiGLU experts with the router-weighted combine. Returns y_TD in x's dtype.
 
@@ -248,7 +249,8 @@ def experts_swiglu(
     returns zeros for them without computing anything.
     When a gradient will be taken (grad mode on and an input requires grad), the forward keeps
     the pre-activations g, u (two N x F tensors in x's dtype, N = T*K) so the backward does not
-    recompute them.
+    recompute them. ``recompute_activations=True`` keeps nothing and recomputes them instead:
+    less activation memory (2·N·F elements) for two more grouped GEMMs in the backward.
     """
     check_tensor("x", x_TD, ndim=2, dtypes=FLOAT_DTYPES)
     dev, dt = x_TD.device, x_TD.dtype
@@ -274,7 +276,7 @@ def experts_swiglu(
         check_tensor("frozen", frozen_E, ndim=1, dtypes=(torch.bool,), device=dev)
         check_shape("frozen", frozen_E, (E,))
     # Keep g and u for the backward only when there will be one.
-    save = torch.is_grad_enabled() and any(
+    save = not recompute_activations and torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK))
     y_TD, _, _ = _experts_op(
         x_TD.contiguous(), w_gate_EFD.contiguous(), w_up_EFD.contiguous(), w_down_EDF.contiguous(),
