@@ -5,12 +5,12 @@ encodable (byte-level alphabet), so owners' private text never hits an unknown t
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .checkpoint import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -37,15 +37,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 8192) -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, path) -> Path:
     """Write the tokenizer JSON atomically (temp file + os.replace)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tok.save(str(tmp))
     return path
 
 
