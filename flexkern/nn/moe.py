@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.checks import can_read_values
 
 
 class Router(nn.Module):
@@ -93,10 +94,8 @@ class FlexMoE(nn.Module):
     def _check_mask(self) -> None:
         # Reading the mask costs one device-to-host copy, so it happens only after the mask changed,
         # and never while compiling or capturing a CUDA graph.
-        if self.mask_mode != "reroute" or torch.compiler.is_compiling():
-            return
         m = self.expert_mask
-        if m.is_cuda and torch.cuda.is_current_stream_capturing():
+        if self.mask_mode != "reroute" or not can_read_values(m):
             return
         version = (m.data_ptr(), m._version)
         if version == self._checked_mask_version:

@@ -26,3 +26,11 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
 def check_same_dtype(names: str, *ts: torch.Tensor) -> None:
     if len({t.dtype for t in ts}) > 1:
         raise TypeError(f"{names} must share a dtype, got {[t.dtype for t in ts]}")
+
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """Whether a value check may read ``t`` back to the host: not while compiling (no data) and
+    not while capturing a CUDA graph (a sync would break the capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import backend as _backend
-from .checks import check_shape, check_tensor
+from .checks import can_read_values, check_shape, check_tensor
 
 
 @dataclass(frozen=True)
@@ -91,13 +91,6 @@ def _(experts_TK, num_experts, mask_E, backend):
     )
 
 
-def _can_validate(t: torch.Tensor) -> bool:
-    """Value checks read device memory: skip them while compiling or capturing a CUDA graph."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def dispatch(
     experts_TK: torch.Tensor,
     num_experts: int,
@@ -116,7 +109,7 @@ def dispatch(
     if expert_mask_E is not None:
         check_tensor("expert_mask", expert_mask_E, ndim=1, dtypes=(torch.bool,), device=experts_TK.device)
         check_shape("expert_mask", expert_mask_E, (num_experts,))
-    if validate and experts_TK.numel() and _can_validate(experts_TK):
+    if validate and experts_TK.numel() and can_read_values(experts_TK):
         lo, hi = int(experts_TK.min()), int(experts_TK.max())
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"expert ids must lie in [0, {num_experts}), got ids in [{lo}, {hi}]")
