@@ -81,15 +81,15 @@ def _(x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize, backend):
 
 def _setup_context(ctx, inputs, output):
     x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize, _ = inputs
-    weights_TK, experts_TK, _ = output
-    ctx.save_for_backward(x_TD, router_ED, bias_E, mask_E, weights_TK, experts_TK)
+    weights_TK, experts_TK, logits_TE = output
+    # The forward's logits (T x E) are kept so the backward needs no second router matmul.
+    ctx.save_for_backward(x_TD, router_ED, bias_E, mask_E, weights_TK, experts_TK, logits_TE)
     ctx.reroute, ctx.renormalize = reroute, renormalize
     ctx.has_bias = bias_E is not None
 
 
 def _backward(ctx, d_weights_TK, d_experts_TK, d_logits_TE):
-    x_TD, router_ED, bias_E, mask_E, weights_TK, experts_TK = ctx.saved_tensors
-    logits_TE = router_logits_ref(x_TD, router_ED, bias_E)
+    x_TD, router_ED, bias_E, mask_E, weights_TK, experts_TK, logits_TE = ctx.saved_tensors
     probs_TE = _gate_probs(logits_TE, mask_E, ctx.reroute)
     cd = probs_TE.dtype
     d_sel_TK = d_weights_TK.to(cd)
