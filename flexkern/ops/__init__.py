@@ -7,3 +7,8 @@ from .route import route, route_ref
 
 __all__ = ["backend", "Dispatch", "dispatch", "dispatch_ref", "experts_swiglu", "experts_fwd_ref",
            "experts_bwd_ref", "route", "route_ref"]
+
+# Importing the ops registers the optional fast backends (triton, cuda) that can load here.
+from .._backends import load_backends as _load_backends  # noqa: E402
+
+_load_backends()
