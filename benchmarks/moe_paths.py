@@ -51,13 +51,15 @@ class LayerInputs:
 
 
 def make_inputs(shape: MoEShape, device, dtype, seed: int = 0) -> LayerInputs:
-    """Random inputs scaled so every intermediate is O(1), drawn on the device (GBs at big shapes)."""
+    """Random inputs scaled so every intermediate is O(1), drawn on the device (GBs at big shapes).
+
+    A skewed shape (``hot_share`` > 0) gets inputs whose routing puts expert 0 in the top-k of
+    exactly ``shape.hot_tokens`` tokens (see force_hot_expert); every path routes them itself."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*size, scale=1.0):
-        t = torch.randn(*size, generator=g, device=device, dtype=dtype)
-        return t.mul_(scale).requires_grad_(True)
+        return torch.randn(*size, generator=g, device=device, dtype=dtype).mul_(scale)
 
     T, D, Fw, E, K = shape.T, shape.D, shape.F, shape.E, shape.K
     mask = None
@@ -66,8 +68,44 @@ def make_inputs(shape: MoEShape, device, dtype, seed: int = 0) -> LayerInputs:
         mask = torch.ones(E, dtype=torch.bool)
         mask[torch.arange(E)[1::2][:n_masked]] = False  # every other expert
         mask = mask.to(device)
-    return LayerInputs(rand(T, D), rand(E, D, scale=D**-0.5), rand(E, Fw, D, scale=D**-0.5),
-                       rand(E, Fw, D, scale=D**-0.5), rand(E, D, Fw, scale=Fw**-0.5), mask, K)
+    x_TD, router_ED = rand(T, D), rand(E, D, scale=D**-0.5)
+    if shape.hot_share:
+        force_hot_expert(x_TD, router_ED, shape.hot_tokens, g)
+    leaves = (x_TD, router_ED, rand(E, Fw, D, scale=D**-0.5), rand(E, Fw, D, scale=D**-0.5),
+              rand(E, D, Fw, scale=Fw**-0.5))
+    return LayerInputs(*(t.requires_grad_(True) for t in leaves), mask, K)
+
+
+@torch.no_grad()
+def force_hot_expert(x_TD: torch.Tensor, router_ED: torch.Tensor, n_hot: int,
+                     generator: torch.Generator | None = None) -> None:
+    """In place: expert 0 enters the top-k of exactly ``n_hot`` tokens (a random subset) and of
+    no other, whatever the top-k (k < E), for any router that computes x·routerᵀ.
+
+    Feature 0 carries the choice: x[:, 0] = +1 on hot tokens, -1 elsewhere; router row 0 is
+    (c, 0, ..., 0) and the other rows get a zero feature 0, so expert 0's logit is ±c while the
+    others' logits do not see feature 0. c exceeds the largest |other logit| by 1 (far above
+    rounding, in bf16 too). The other rows are scaled by 1/4 (exact) so expert 0's softmax weight
+    stays away from 1 and the other experts' rows carry real weight."""
+    T = x_TD.shape[0]
+    if not 0 <= n_hot <= T:
+        raise ValueError(f"n_hot must be in [0, T={T}], got {n_hot}")
+    sign_T = torch.full((T,), -1.0, device=x_TD.device)
+    hot = torch.randperm(T, generator=generator, device=x_TD.device)[:n_hot]
+    sign_T[hot] = 1.0
+    x_TD[:, 0] = sign_T.to(x_TD.dtype)
+    router_ED[1:, 0] = 0
+    router_ED[1:] *= 0.25
+    largest = (x_TD.float() @ router_ED[1:].float().t()).abs().max() if router_ED.shape[0] > 1 else 0
+    router_ED[0] = 0
+    router_ED[0, 0] = float(largest) + 1.0
+
+
+@torch.no_grad()
+def expert_rows(inp: LayerInputs) -> torch.Tensor:
+    """Routed rows per expert, (E,) int64, under the benchmark's routing (mask not applied)."""
+    _, experts_TK = torch_route(inp.x_TD, inp.router_ED, inp.K, None)
+    return torch.bincount(experts_TK.reshape(-1), minlength=inp.router_ED.shape[0])
 
 
 @dataclass(frozen=True)

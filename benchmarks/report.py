@@ -104,16 +104,18 @@ def goals(layer: list[dict], routing: list[dict]) -> list[dict]:
         add(name, round(s, 3), f">= {target}x", s >= target,
             f"{fk['path']} {fk['ms']:.3f} ms vs {base[0]['ms']:.3f} ms")
 
-    for mode in ("fwd", "fwd+bwd"):
-        speedup("olmoe", mode, 1.5)
+    # issue targets: OLMoE-like fwd 1.6x, fwd+bwd 1.5x; the coarse shapes fwd 1.15x, fwd+bwd 1.2x
+    speedup("olmoe", "fwd", 1.6)
+    speedup("olmoe", "fwd+bwd", 1.5)
     for shape in ("mixtral", "flexolmo-7x7b"):
+        speedup(shape, "fwd", 1.15)
         speedup(shape, "fwd+bwd", 1.2)
     fk = _best_flexkern(layer, "olmoe-decode-64", "fwd")
     if fk and fk.get("bw_floor_ms"):
         ratio = fk["ms"] / fk["bw_floor_ms"]
-        add("olmoe decode T=64 time / weight-read floor", round(ratio, 3), "<= 1.3", ratio <= 1.3, fk["path"])
+        add("olmoe decode T=64 time / weight-read floor", round(ratio, 3), "<= 1.15", ratio <= 1.15, fk["path"])
     else:
-        add("olmoe decode T=64 time / weight-read floor", None, "<= 1.3", None, "not measured")
+        add("olmoe decode T=64 time / weight-read floor", None, "<= 1.15", None, "not measured")
     for mode in ("fwd", "fwd+bwd"):
         full, drop = _best_flexkern(layer, "olmoe", mode), _best_flexkern(layer, "olmoe-drop50", mode)
         name = f"olmoe half experts masked (drop), {mode}: time saved"
@@ -122,7 +124,9 @@ def goals(layer: list[dict], routing: list[dict]) -> list[dict]:
             add(name, round(saved, 3), ">= 0.45", saved >= 0.45, f"{drop['ms']:.3f} vs {full['ms']:.3f} ms")
         else:
             add(name, None, ">= 0.45", None, "not measured")
-    for shape in ("olmoe", "mixtral", "flexolmo-7x7b"):
+    # peak memory on every training shape of the run (the issue: "on every shape")
+    train = list(dict.fromkeys(r["shape"] for r in layer if not r.get("decode")))
+    for shape in train or ("olmoe", "mixtral", "flexolmo-7x7b"):
         fk, base = _best_flexkern(layer, shape, "fwd+bwd"), _ok(layer, shape, "fwd+bwd", "torch_gmm")
         name = f"{shape} fwd+bwd peak memory vs torch_gmm"
         if fk and base and fk.get("peak_mib") is not None and base[0].get("peak_mib"):
@@ -135,8 +139,8 @@ def goals(layer: list[dict], routing: list[dict]) -> list[dict]:
         ">= 3x", (big[0]["speedup"] >= 3) if big else None, big[0].get("backend", "") if big else "not measured")
     dec = [r for r in routing if r.get("path") == "flexkern" and r["T"] <= 64 and r["status"] == "ok"]
     worst = max((r["us"] for r in dec), default=None)
-    add("routing+dispatch decode (T<=64) worst time, us", round(worst, 2) if worst else None, "<= 15",
-        (worst <= 15) if worst is not None else None, "graph replay" if dec else "not measured")
+    add("routing+dispatch decode (T<=64) worst time, us", round(worst, 2) if worst else None, "<= 8",
+        (worst <= 8) if worst is not None else None, "graph replay" if dec else "not measured")
     return out
 
 

@@ -1,9 +1,10 @@
 """Sweep the launch configs of the Triton expert kernels on a GPU, one kernel role at a time.
 
     python -m benchmarks.tune_experts --shapes olmoe,mixtral --json tune.json
+    python -m benchmarks.tune_experts --breakdown-only --trace-dir traces/ --shapes qwen3,mixtral-skew50
 
 For each shape it prints the per-kernel time breakdown of one forward+backward (torch.profiler)
-with the current table, then varies each role's TileConfig (gate_up and down timed through the
+with the current table (``--trace-dir``: also a gzipped Chrome trace of it per shape), then varies each role's TileConfig (gate_up and down timed through the
 forward, recompute, dx and wgrad through the backward) with the others fixed, and reports the best
 candidate per role next to the current one. The winners go into flexkern/triton/configs.py by hand.
 """
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import gzip
+import os
 import time
 
 import torch
@@ -19,7 +21,9 @@ import torch
 import flexkern
 from flexkern.triton import configs, ops as triton_ops
 
-from .shapes import GPU_SHAPES, select
+from . import report
+from .moe_paths import force_hot_expert
+from .shapes import GPU_QUICK_SHAPES, GPU_SHAPES, select
 from .timing import bench_ms
 
 T_ = configs.TileConfig
@@ -46,6 +50,8 @@ def make_inputs(shape, dtype=torch.bfloat16):
     x = r(T, D)
     ws = (r(E, F, D, scale=D**-0.5), r(E, F, D, scale=D**-0.5), r(E, D, F, scale=F**-0.5))
     router = r(E, D, scale=D**-0.5)
+    if shape.hot_share:  # the skewed shape's routing, as in the layer benchmark
+        force_hot_expert(x, router, shape.hot_tokens, g)
     mask = None
     if shape.masked_frac:
         mask = torch.ones(E, dtype=torch.bool, device="cuda")
@@ -55,17 +61,36 @@ def make_inputs(shape, dtype=torch.bfloat16):
     return x, ws, disp, weights, r(T, D)
 
 
-def kernel_breakdown(fwd, bwd) -> list[tuple[str, float]]:
+def kernel_breakdown(fwd, bwd, trace_path: str | None = None) -> list[tuple[str, float]]:
+    """The 12 costliest kernels of one forward+backward: (name, ms). ``trace_path``: also write
+    the profile there as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev)."""
     fwd(), bwd()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
         fwd(), bwd()
         torch.cuda.synchronize()
+    if trace_path:
+        _write_trace(prof, trace_path)
     rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages()]
     return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])[:12]
 
 
-def sweep(shape) -> dict:
+def _write_trace(prof, path: str) -> None:
+    """Chrome trace, gzipped, written to a temporary name and moved into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    raw = os.path.join(folder, f".tmp-{os.getpid()}-trace.json")
+    prof.export_chrome_trace(raw)
+    try:
+        with open(raw, "rb") as src, gzip.open(path + ".tmp", "wb") as dst:
+            dst.write(src.read())
+        os.replace(path + ".tmp", path)
+    finally:
+        os.unlink(raw)
+
+
+def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None) -> dict:
     x, ws, disp, weights, dy = make_inputs(shape)
     args = (x, *ws, *disp.tensors(), weights, None)
     # The training path: the forward saves the gate/up pre-activations, the backward loads them.
@@ -75,13 +100,18 @@ def sweep(shape) -> dict:
     base = configs.pick(x.device, x.dtype, disp.token_of_row_N.shape[0], shape.E)
     result = {"shape": shape.as_dict(), "base": dataclasses.asdict(base), "roles": {}}
     try:
-        result["breakdown_ms"] = kernel_breakdown(fwd, bwd)
+        trace = os.path.join(trace_dir, f"trace_{shape.name}.json.gz") if trace_dir else None
+        result["breakdown_ms"] = kernel_breakdown(fwd, bwd, trace)
+        if trace:
+            result["trace"] = trace
     except Exception as exc:  # the profiler is a nice-to-have; the sweep is the point
         print(f"kernel breakdown failed: {exc!r}")
         result["breakdown_ms"] = []
     print(f"\n== {shape.name}: kernel time of one forward+backward (ms)")
     for name, ms in result["breakdown_ms"]:
         print(f"  {ms:9.3f}  {name[:90]}")
+    if breakdown_only:
+        return result
     original = triton_ops.pick
     try:
         for role, cands in CANDIDATES.items():
@@ -111,15 +141,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="olmoe,mixtral")
     ap.add_argument("--json")
+    ap.add_argument("--breakdown-only", action="store_true",
+                    help="only the per-kernel breakdown of the current configs, no sweep")
+    ap.add_argument("--trace-dir", help="write a gzipped Chrome trace per shape here")
     a = ap.parse_args(argv)
+    shapes = select(GPU_SHAPES + GPU_QUICK_SHAPES, a.shapes)  # unknown names fail here, GPU or not
     if not torch.cuda.is_available():
         print("tune_experts needs a CUDA GPU; nothing to do")
         return 0
-    shapes = select(GPU_SHAPES, a.shapes)
-    out = {"gpu": torch.cuda.get_device_name(), "results": [sweep(s) for s in shapes]}
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
+    for s in shapes:
+        out["results"].append(sweep(s, a.breakdown_only, a.trace_dir))
+        if a.json:  # after each shape: a run cut short keeps what it measured
+            report.write_json(a.json, out)
     return 0
 
 
