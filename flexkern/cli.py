@@ -9,131 +9,261 @@
     flexkern opt-in --model runs/merged-no-code --package runs/experts/code.flexpert --out runs/merged2
     flexkern tune-router --model runs/merged --owner code=code --out runs/merged-rt
 
-Owner training also runs distributed: ``torchrun --standalone --nproc_per_node=2 -m flexkern.cli
-train-expert ...`` (gloo on the CPU, nccl on GPUs).
+This module is the only entry point: the ``flexkern`` script, ``python -m flexkern``,
+``python -m flexkern.cli`` and owner training under torchrun (``torchrun --standalone
+--nproc_per_node=2 -m flexkern.cli train-expert ...``; gloo on the CPU, nccl on GPUs).
+
+Each command parses, checks its arguments before any work (paths exist, names and sources are
+known, numbers are positive, ``--out`` neither replaces something flexkern did not create nor
+overlaps an input), then calls the pipeline modules. Building the parser imports no torch, so
+``--help`` is instant. Exit status: 0 done, 1 the command failed, 2 the arguments were refused,
+130 interrupted (Ctrl-C). Errors a user can act on print one line ``flexkern: error: ...``;
+``--debug`` adds the traceback.
+
+A new command: ``_command(sub, NAME, help=..., description=..., check=..., run=..., interrupted=...)``
+then its arguments (every option with a help text); ``check(args)`` raises ValueError (or
+FileNotFoundError) for bad arguments before any work, ``run(args)`` does the work and returns the
+exit status.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
-from typing import Sequence
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
 
-SOURCE_HELP = ("a domain name (code, legal, literature, scripture, math, encyclopedia) "
-               "or a folder of text files")
+from .flexolmo.defaults import ANCHOR, ANCHOR_PRESET, DEMO, EMBED_METHODS, EXPERT, PRESET_NAMES
+
+PROG = "flexkern"
+# The [flexolmo] extra: the pipeline's third-party modules (import names).
+PIPELINE_MODULES = ("safetensors", "tokenizers", "tqdm", "matplotlib")
+EXTRA_HINT = "pip install 'flexkern[flexolmo]'"
+DOMAIN_NAMES = ("code", "legal", "literature", "scripture", "math", "encyclopedia")  # = data.DOMAINS
+SOURCE_HELP = f"a domain ({', '.join(DOMAIN_NAMES)}) or a folder of text files"
+OVERWRITE_HELP = "replace OUT if it is a flexkern {kind} folder; never anything else"
+DEMO_MARKER = "demo_config.json"  # what makes a folder a demo run folder (written by demo.run_demo)
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
-def _add_common_train(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step, over all ranks (default 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's)")
-    p.add_argument("--max-bytes", type=int, default=None, help="use at most this many bytes per data source")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
+# ---- help text and argument types ----------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; "(default: X)" after every option whose default is a value
+    (options defaulting to None or flags say what they do without a default)."""
+
+    def _get_help_string(self, action):
+        if (action.default is None or action.default is False or action.default == []
+                or action.default is argparse.SUPPRESS or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    name = "integer" if kind is int else "number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {name}, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a positive {name}, got {text!r}")
+        return value
+    parse.__name__ = f"positive {name}"
+    return parse
+
+
+POS_INT, POS_FLOAT = _positive(int), _positive(float)
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _command(sub, name: str, *, help: str, description: str, check: Callable, run: Callable,
+             interrupted: Callable[[argparse.Namespace], str]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback of an error")
+    p.set_defaults(check=check, run=run, interrupted=interrupted)
+    return p
+
+
+def _add_out(p, kind: str, help: str, required: bool = True, default=None) -> None:
+    p.add_argument("--out", required=required, default=default, help=help)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(kind=kind))
+
+
+def _add_train(p, d) -> None:
+    p.add_argument("--steps", type=POS_INT, default=d.steps, help="optimizer steps")
+    p.add_argument("--lr", type=POS_FLOAT, default=d.lr, help="peak learning rate")
+    p.add_argument("--batch-size", type=POS_INT, default=d.batch_size, help="windows per step, over all ranks")
+    p.add_argument("--seq-len", type=POS_INT, default=None, help="tokens per window (default: the model's)")
+    p.add_argument("--max-bytes", type=POS_INT, default=None,
+                   help="use at most this many bytes per data source (default: all)")
+    p.add_argument("--checkpoint-every", type=POS_INT, default=d.checkpoint_every,
+                   help="steps between resumable checkpoints")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .flexolmo.demo import DemoConfig
-
-    d = DemoConfig()
-    parser = argparse.ArgumentParser(
-        prog="flexkern",
-        description="FlexOlmo with flexkern: train a public model, let data owners train experts "
-                    "independently, merge them into one MoE, opt experts out or in, and evaluate.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `flexkern COMMAND --help` for the options of one command.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo", help="end to end on the example corpora; writes OUT/report.md and PNG charts",
-                       description="Install the example corpora if missing, train the public model, four "
-                                   "owners' experts (code, legal, scripture, math), merge, tune the router, "
-                                   "evaluate against the public model, each owner, model soup and BTM, and "
-                                   "write the report. Steps whose outputs exist are skipped.")
-    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--preset", default=d.preset, help=f"model preset (default {d.preset})")
-    p.add_argument("--anchor-steps", type=int, default=d.anchor_steps)
-    p.add_argument("--expert-steps", type=int, default=d.expert_steps)
-    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="bytes per domain")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens per domain")
-    p.add_argument("--rt-steps", type=int, default=d.rt_steps, help="router tuning steps")
-    p.add_argument("--embed-method", default=d.embed_method, choices=("minilm", "anchor"))
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--no-install", action="store_true", help="do not pip-install missing corpora")
-    p.add_argument("--force", action="store_true", help="delete OUT first and start over")
-
-    p = sub.add_parser("anchor", help="train the public (anchor) model",
-                       description="Train the tokenizer and the dense public model on public data.")
-    p.add_argument("--out", required=True, help="anchor directory to write")
-    p.add_argument("--preset", default="tiny", help="model preset: micro, tiny (CPU), small (GPU)")
-    p.add_argument("--data", nargs="+", default=None, help=f"{SOURCE_HELP}; default encyclopedia literature")
-    p.add_argument("--embed-method", default="minilm", choices=("minilm", "anchor"),
-                   help="embedder for router rows (minilm: all-MiniLM-L6-v2; anchor: own hidden states)")
-    _add_common_train(p, steps=300, lr=3e-3)
-
-    p = sub.add_parser("train-expert", help="one data owner: train its expert -> NAME.flexpert package",
-                       description="Train one owner's expert from the anchor on its own data only.")
-    p.add_argument("--anchor", required=True, help="anchor directory")
-    p.add_argument("--source", required=True, help=SOURCE_HELP)
-    p.add_argument("--out", required=True, help="package path (NAME.flexpert) or a folder to put it in")
-    p.add_argument("--name", default=None, help="expert name (default: the source's name)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints")
-    _add_common_train(p, steps=150, lr=1e-3)
-
-    p = sub.add_parser("merge", help="anchor + expert packages -> one FlexOlmo MoE model",
-                       description="Stack the public FFN and every package's FFN and router row; no training.")
-    p.add_argument("--anchor", required=True)
-    p.add_argument("--packages", nargs="+", required=True, help="NAME.flexpert folders")
-    p.add_argument("--out", required=True)
-    p.add_argument("--top-k", type=int, default=None, help="active experts per token (default 2)")
-
-    p = sub.add_parser("evaluate", help="held-out loss and perplexity per domain",
-                       description="Per-domain held-out loss of a model directory (anchor or merged), "
-                                   "with the same deterministic split the training used.")
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--data", nargs="+", default=None, help=f"{SOURCE_HELP} (default: all six domains)")
-    p.add_argument("--opt-out", action="append", default=[], metavar="NAME",
-                   help="mask this expert at inference and show the loss before/after (repeatable)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--max-bytes", type=int, default=d.max_bytes, help="must match the training's")
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-
-    p = sub.add_parser("opt-out", help="write a copy of a merged model without one expert")
-    p.add_argument("--model", required=True)
-    p.add_argument("--name", required=True, help="expert to remove")
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("opt-in", help="write a copy of a merged model with one more expert")
-    p.add_argument("--model", required=True)
-    p.add_argument("--package", required=True, help="NAME.flexpert folder")
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("tune-router", help="train only the router rows on small proxy sets",
-                       description="Router tuning: every expert active, only router rows and biases train, "
-                                   "on the public documents closest to each owner's domain embedding plus "
-                                   "a public sample.")
-    p.add_argument("--model", required=True, help="merged model directory")
-    p.add_argument("--out", required=True, help="tuned model directory to write")
-    p.add_argument("--owner", action="append", default=[], metavar="NAME=SOURCE",
-                   help="an owner's data, used on its side to pick its proxy documents (repeatable)")
-    p.add_argument("--public", nargs="+", default=None, help="public sources (default encyclopedia literature)")
-    p.add_argument("--proxy-docs", type=int, default=d.rt_proxy_docs, help="public documents per owner")
-    p.add_argument("--public-docs", type=int, default=d.rt_public_docs)
-    p.add_argument("--steps", type=int, default=d.rt_steps)
-    p.add_argument("--lr", type=float, default=d.rt_lr)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-bytes", type=int, default=d.max_bytes)
-    p.add_argument("--device", default="cpu")
-    return parser
+# ---- argument checks (before any work) -------------------------------------------------------------------
+def _folder(flag: str, path, must_hold: str, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    if not path.is_dir() or not (path / must_hold).is_file():
+        raise ValueError(f"{flag} {path} is not {what} (no {must_hold})")
+    return path
 
 
+def _model_dir(flag: str, path) -> Path:
+    from .flexolmo.checkpoint import CONFIG_FILE
+    return _folder(flag, path, CONFIG_FILE, "a model directory")
+
+
+def _package_dir(flag: str, path) -> Path:
+    return _folder(flag, path, "manifest.json", "an expert package (a NAME.flexpert folder)")
+
+
+def _source(flag: str, source: str) -> str:
+    from .flexolmo.data import DOMAINS
+    if source not in DOMAINS and not os.path.isdir(source):
+        raise ValueError(f"{flag} {source!r} is neither a domain ({', '.join(DOMAINS)}) nor an existing folder")
+    return source
+
+
+def _folders(sources) -> list[str]:
+    from .flexolmo.data import DOMAINS
+    return [s for s in sources or () if s not in DOMAINS]
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available here")
+
+
+def _check_out(path, kind: str, overwrite: bool, inputs=()) -> None:
+    from .flexolmo.checkpoint import check_output
+    check_output(path, kind, overwrite=overwrite, inputs=[Path(p) for p in inputs])
+
+
+def _names(a_model) -> list[str]:
+    from .flexolmo.commands import expert_names
+    return expert_names(a_model)
+
+
+def _check_expert_name(flag: str, name: str, names: list[str], model) -> None:
+    if len(names) == 1:
+        raise ValueError(f"{model} is a dense model; it has no experts to opt out")
+    if name not in names:
+        raise ValueError(f"{flag} {name!r}: no such expert in {model}; experts: {', '.join(names)}")
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
 def _train_kwargs(a) -> dict:
     return dict(steps=a.steps, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, max_bytes=a.max_bytes,
-                device=a.device, seed=a.seed, resume=not a.no_resume, log=not a.quiet)
+                checkpoint_every=a.checkpoint_every, device=a.device, seed=a.seed, resume=not a.no_resume,
+                log=not a.quiet, overwrite=a.overwrite)
+
+
+def _resume(a) -> str:
+    return (f"the last training checkpoint (every --checkpoint-every steps) is kept next to {a.out}; "
+            "rerun the same command to resume (--no-resume starts over)")
+
+
+def _atomic(a) -> str:
+    return f"{a.out} was not changed (outputs are written atomically); rerun the same command"
+
+
+def _demo_check(a) -> None:
+    _check_device(a.device)
+    out = Path(a.out)
+    if out.is_symlink() or out.exists() and not (out.is_dir() and (
+            not any(out.iterdir()) or (out / DEMO_MARKER).is_file())):
+        raise ValueError(f"--out {out} exists and is not a flexkern demo folder (no {DEMO_MARKER}); "
+                         "it is left alone: choose another --out")
+
+
+def _demo_run(a) -> int:
+    from .flexolmo.demo import run_demo
+    run_demo(a.out, a.preset, install=not a.no_install, force=a.overwrite, anchor_steps=a.anchor_steps,
+             expert_steps=a.expert_steps, max_bytes=a.max_bytes, eval_tokens=a.eval_tokens,
+             rt_steps=a.rt_steps, embed_method=a.embed_method, device=a.device)
+    return 0
+
+
+def _anchor_check(a) -> None:
+    for s in a.data or ():
+        _source("--data", s)
+    _check_device(a.device)
+    _check_out(a.out, "anchor", a.overwrite, _folders(a.data))
+
+
+def _anchor_run(a) -> int:
+    from .flexolmo.data import PUBLIC_DOMAINS
+    from .flexolmo.train import train_anchor
+    train_anchor(a.out, preset=a.preset, data=a.data or list(PUBLIC_DOMAINS), embed_method=a.embed_method,
+                 **_train_kwargs(a))
+    return 0
+
+
+def _expert_check(a) -> None:
+    from .flexolmo.package import check_name, package_path
+    _model_dir("--anchor", a.anchor)
+    if len(_names(a.anchor)) != 1:
+        raise ValueError(f"--anchor {a.anchor} is a merged model; owners train from the dense anchor")
+    _source("--source", a.source)
+    name = check_name(a.name if a.name is not None else Path(a.source).name)
+    _check_device(a.device)
+    out = package_path(a.out, name)
+    _check_out(out, "package", a.overwrite, [a.anchor, *_folders([a.source])])
+
+
+def _expert_run(a) -> int:
+    from .flexolmo.train import train_expert
+    train_expert(a.anchor, a.source, a.out, name=a.name, embed_method=a.embed_method, **_train_kwargs(a))
+    return 0
+
+
+def _merge_check(a) -> None:
+    _model_dir("--anchor", a.anchor)
+    for p in a.packages:
+        _package_dir("--packages", p)
+    if a.top_k is not None and a.top_k > len(a.packages) + 1:
+        raise ValueError(f"--top-k {a.top_k}: the merged model has only {len(a.packages) + 1} experts")
+    _check_out(a.out, "merged", a.overwrite, [a.anchor, *a.packages])
+
+
+def _merge_run(a) -> int:
+    from .flexolmo.merge import merge
+    print(f"wrote {merge(a.anchor, a.packages, a.out, top_k=a.top_k, overwrite=a.overwrite)}")
+    return 0
+
+
+def _evaluate_check(a) -> None:
+    _model_dir("--model", a.model)
+    names = _names(a.model)
+    for name in a.opt_out:
+        _check_expert_name("--opt-out", name, names, a.model)
+    if a.top_k is not None and a.top_k > len(names):
+        raise ValueError(f"--top-k {a.top_k}: {a.model} has only {len(names)} experts")
+    for s in a.data or ():
+        _source("--data", s)
+    _check_device(a.device)
 
 
 def _print_losses(rows: dict[str, dict[str, float]], domains: list[str]) -> None:
@@ -146,93 +276,269 @@ def _print_losses(rows: dict[str, dict[str, float]], domains: list[str]) -> None
               + f"{average_loss(losses, domains):9.3f}")
 
 
-def _evaluate(a) -> int:
+def _evaluate_run(a) -> int:
     import math
 
-    from .flexolmo.data import DOMAINS
-    from .flexolmo.evaluate import domain_losses, heldout_streams
-    from .flexolmo.merge import load_model, mask_experts
-    from .flexolmo.tokenizer import load_tokenizer
-
-    model, names = load_model(a.model, a.device)
-    if a.top_k is not None:
-        model.set_top_k(a.top_k)
-    tok = load_tokenizer(f"{a.model}/tokenizer.json")
-    sources = a.data or list(DOMAINS)
-    streams = heldout_streams(tok, sources, a.max_bytes)
-    seq_len = a.seq_len or model.config.seq_len
-    rows = {"model": domain_losses(model, streams, seq_len, a.eval_tokens)}
-    for name in a.opt_out:
-        mask_experts(model, [name], names)
-        rows[f"without {name}"] = domain_losses(model, streams, seq_len, a.eval_tokens)
-        model.set_expert_mask([True] * len(names))
-    print(f"held-out loss (nats/token) of {a.model}, experts {names}")
-    _print_losses(rows, list(streams))
-    print("perplexity: " + ", ".join(f"{d} {math.exp(v):.1f}" for d, v in rows["model"].items()))
+    from .flexolmo.commands import evaluate_model_dir
+    res = evaluate_model_dir(a.model, data=a.data, opt_out=a.opt_out, top_k=a.top_k, max_bytes=a.max_bytes,
+                             eval_tokens=a.eval_tokens, seq_len=a.seq_len, device=a.device)
+    print(f"held-out loss (nats/token) of {a.model}, experts {res['names']}")
+    _print_losses(res["rows"], res["domains"])
+    print("perplexity: " + ", ".join(f"{d} {math.exp(v):.1f}" for d, v in res["rows"]["model"].items()))
     return 0
 
 
-def _tune_router(a) -> int:
-    from pathlib import Path
+def _opt_out_check(a) -> None:
+    _model_dir("--model", a.model)
+    names = _names(a.model)
+    _check_expert_name("--name", a.name, names, a.model)
+    if a.name == names[0]:
+        raise ValueError(f"--name {a.name}: the public expert cannot be opted out")
+    _check_out(a.out, "merged", a.overwrite, [a.model])
 
-    from .flexolmo.checkpoint import TOKENIZER_FILE, read_json, read_public_embedding, write_model_dir
-    from .flexolmo.data import PUBLIC_DOMAINS, load_documents, split_documents
-    from .flexolmo.merge import load_model
-    from .flexolmo.router_tuning import proxy_streams, tune_router
-    from .flexolmo.tokenizer import load_tokenizer
 
-    model, names = load_model(a.model, a.device)
-    tok = load_tokenizer(Path(a.model) / TOKENIZER_FILE)
-    public_row, method = read_public_embedding(a.model)
-    if method == "anchor":
-        raise SystemExit("tune-router: this model's router rows come from anchor hidden states; "
-                         "proxy selection needs the MiniLM embedder (embed_method='minilm')")
-    public = [d for s in (a.public or PUBLIC_DOMAINS) for d in split_documents(load_documents(s, a.max_bytes))[0]]
+def _opt_out_run(a) -> int:
+    from .flexolmo.merge import opt_out
+    print(f"wrote {opt_out(a.model, a.name, a.out, overwrite=a.overwrite)}")
+    return 0
+
+
+def _opt_in_check(a) -> None:
+    _model_dir("--model", a.model)
+    _package_dir("--package", a.package)
+    _check_out(a.out, "merged", a.overwrite, [a.model, a.package])
+
+
+def _opt_in_run(a) -> int:
+    from .flexolmo.merge import opt_in
+    print(f"wrote {opt_in(a.model, a.package, a.out, overwrite=a.overwrite)}")
+    return 0
+
+
+def _owners(specs: list[str]) -> dict[str, str]:
     owners = {}
-    for spec in a.owner:
+    for spec in specs:
         name, sep, source = spec.partition("=")
-        if not sep or name not in names:
-            raise SystemExit(f"--owner expects NAME=SOURCE with NAME one of {names[1:]}, got {spec!r}")
-        owners[name] = split_documents(load_documents(source, a.max_bytes))[0]
-    streams = proxy_streams(tok, public, owners, proxy_docs=a.proxy_docs, public_docs=a.public_docs)
-    losses = tune_router(model, streams, steps=a.steps, batch_size=a.batch_size, lr=a.lr)
+        if not sep or not name or not source:
+            raise ValueError(f"--owner expects NAME=SOURCE, got {spec!r}")
+        owners[name] = source
+    return owners
+
+
+def _tune_router_check(a) -> None:
+    _model_dir("--model", a.model)
+    names = _names(a.model)
+    if len(names) == 1:
+        raise ValueError(f"--model {a.model} is a dense model; router tuning needs a merged model")
+    for name, source in _owners(a.owner).items():
+        if name not in names[1:]:
+            raise ValueError(f"--owner {name}={source}: no owner expert {name!r} in {a.model}; "
+                             f"owner experts: {', '.join(names[1:])}")
+        _source(f"--owner {name}=", source)
+    for s in a.public or ():
+        _source("--public", s)
+    _check_device(a.device)
+    _check_out(a.out, "merged", a.overwrite, [a.model])
+
+
+def _tune_router_run(a) -> int:
+    from .flexolmo.commands import tune_router_dir
+    out, losses = tune_router_dir(a.model, a.out, owners=_owners(a.owner), public=a.public,
+                                  proxy_docs=a.proxy_docs, public_docs=a.public_docs, steps=a.steps, lr=a.lr,
+                                  batch_size=a.batch_size, max_bytes=a.max_bytes, device=a.device,
+                                  overwrite=a.overwrite)
     print(f"router tuning: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    info = read_json(Path(a.model) / "experts.json")
-    write_model_dir(a.out, model.cpu(), Path(a.model) / TOKENIZER_FILE, public_row, method, info)
-    print(f"wrote {a.out}")
+    print(f"wrote {out}")
     return 0
+
+
+# ---- the parser -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``flexkern`` parser (imports nothing heavy: the commands import the pipeline when they run)."""
+    parser = _Parser(
+        prog=PROG,
+        description="FlexOlmo with flexkern: train a public model, let data owners train experts "
+                    "independently, merge them into one MoE, opt experts out or in, and evaluate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `flexkern COMMAND --help` for the options of one command. Exit status: 0 done, "
+               "1 failed, 2 arguments refused, 130 interrupted.",
+    )
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    p = _command(sub, "demo", help="end to end on the example corpora; writes OUT/report.md and PNG charts",
+                 description="Install the example corpora if missing, train the public model, four owners' "
+                             "experts (code, legal, scripture, math), merge, tune the router, evaluate against "
+                             "the public model, each owner, model soup and BTM, and write the report. Steps "
+                             "whose outputs exist are skipped, so a rerun finishes an interrupted run.",
+                 check=_demo_check, run=_demo_run,
+                 interrupted=lambda a: f"the finished steps in {a.out} are kept; rerun the same command to continue")
+    p.add_argument("--out", default="runs/demo", help="run folder")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help=f"start over: replace OUT if it is a flexkern demo folder (it holds {DEMO_MARKER}); "
+                        "never anything else")
+    p.add_argument("--preset", default=DEMO.preset, choices=PRESET_NAMES, help="model preset")
+    p.add_argument("--anchor-steps", type=POS_INT, default=DEMO.anchor_steps,
+                   help="optimizer steps of the public model")
+    p.add_argument("--expert-steps", type=POS_INT, default=DEMO.expert_steps,
+                   help="optimizer steps of each owner's expert")
+    p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes, help="bytes of text per domain")
+    p.add_argument("--eval-tokens", type=POS_INT, default=DEMO.eval_tokens, help="held-out tokens per domain")
+    p.add_argument("--rt-steps", type=POS_INT, default=DEMO.rt_steps, help="router tuning steps")
+    p.add_argument("--embed-method", default=DEMO.embed_method, choices=EMBED_METHODS,
+                   help="router rows from all-MiniLM-L6-v2 embeddings (minilm) or the anchor's own "
+                        "hidden states (anchor)")
+    p.add_argument("--device", type=_device, default=DEMO.device, help="cpu, cuda or cuda:N")
+    p.add_argument("--no-install", action="store_true", help="do not pip-install missing corpora")
+
+    p = _command(sub, "anchor", help="train the public (anchor) model",
+                 description="Train the tokenizer and the dense public model on public data.",
+                 check=_anchor_check, run=_anchor_run, interrupted=_resume)
+    _add_out(p, "anchor", "anchor directory to write")
+    p.add_argument("--preset", default=ANCHOR_PRESET, choices=PRESET_NAMES,
+                   help="model preset: micro (tests), tiny (CPU), small (GPU)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help=f"public data, each {SOURCE_HELP} (default: encyclopedia literature)")
+    p.add_argument("--embed-method", default="minilm", choices=EMBED_METHODS,
+                   help="embedder of the public router row (minilm: all-MiniLM-L6-v2; anchor: own hidden states)")
+    _add_train(p, ANCHOR)
+
+    p = _command(sub, "train-expert", help="one data owner: train its expert -> NAME.flexpert package",
+                 description="Train one owner's expert from the anchor on its own data only.",
+                 check=_expert_check, run=_expert_run, interrupted=_resume)
+    p.add_argument("--anchor", required=True, help="anchor directory")
+    p.add_argument("--source", required=True, help=SOURCE_HELP)
+    _add_out(p, "package", "package path (NAME.flexpert) or a folder to put NAME.flexpert in")
+    p.add_argument("--name", default=None, help="expert name (default: the source's name)")
+    p.add_argument("--embed-method", default=None, choices=EMBED_METHODS,
+                   help="embedder of the owner's router row (default: the one the anchor's public row "
+                        "was made with; they must agree)")
+    _add_train(p, EXPERT)
+
+    p = _command(sub, "merge", help="anchor + expert packages -> one FlexOlmo MoE model",
+                 description="Stack the public FFN and every package's FFN and router row; no training.",
+                 check=_merge_check, run=_merge_run, interrupted=_atomic)
+    p.add_argument("--anchor", required=True, help="anchor directory")
+    p.add_argument("--packages", nargs="+", required=True, help="NAME.flexpert folders")
+    _add_out(p, "merged", "merged model directory to write")
+    p.add_argument("--top-k", type=POS_INT, default=None, help="active experts per token (default: 2)")
+
+    p = _command(sub, "evaluate", help="held-out loss and perplexity per domain",
+                 description="Per-domain held-out loss of a model directory (anchor or merged), with the "
+                             "same deterministic split the training used.",
+                 check=_evaluate_check, run=_evaluate_run, interrupted=lambda a: "nothing was written")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", nargs="+", default=None, help=f"each {SOURCE_HELP} (default: all six domains)")
+    p.add_argument("--opt-out", action="append", default=[], metavar="NAME",
+                   help="mask this expert at inference and show the loss without it (repeatable)")
+    p.add_argument("--top-k", type=POS_INT, default=None, help="active experts per token (default: the model's)")
+    p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes,
+                   help="bytes per domain; must match the training's for the same held-out split")
+    p.add_argument("--eval-tokens", type=POS_INT, default=DEMO.eval_tokens, help="held-out tokens per domain")
+    p.add_argument("--seq-len", type=POS_INT, default=None, help="tokens per window (default: the model's)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+
+    p = _command(sub, "opt-out", help="write a copy of a merged model without one expert",
+                 description="Write a new model directory without expert NAME (its weights are gone); "
+                             "the same outputs as masking it at inference.",
+                 check=_opt_out_check, run=_opt_out_run, interrupted=_atomic)
+    p.add_argument("--model", required=True, help="merged model directory")
+    p.add_argument("--name", required=True, help="expert to remove")
+    _add_out(p, "merged", "model directory to write")
+
+    p = _command(sub, "opt-in", help="write a copy of a merged model with one more expert",
+                 description="Write a new model directory with the package's expert appended; no training.",
+                 check=_opt_in_check, run=_opt_in_run, interrupted=_atomic)
+    p.add_argument("--model", required=True, help="merged (or anchor) model directory")
+    p.add_argument("--package", required=True, help="NAME.flexpert folder")
+    _add_out(p, "merged", "model directory to write")
+
+    p = _command(sub, "tune-router", help="train only the router rows on small proxy sets",
+                 description="Router tuning: every expert active, only router rows and biases train, on the "
+                             "public documents closest to each owner's domain embedding plus a public sample.",
+                 check=_tune_router_check, run=_tune_router_run, interrupted=_atomic)
+    p.add_argument("--model", required=True, help="merged model directory")
+    _add_out(p, "merged", "tuned model directory to write")
+    p.add_argument("--owner", action="append", default=[], metavar="NAME=SOURCE",
+                   help="an owner's data, used on its side to pick its proxy documents (repeatable)")
+    p.add_argument("--public", nargs="+", default=None,
+                   help=f"public data, each {SOURCE_HELP} (default: encyclopedia literature)")
+    p.add_argument("--proxy-docs", type=POS_INT, default=DEMO.rt_proxy_docs, help="public documents per owner")
+    p.add_argument("--public-docs", type=POS_INT, default=DEMO.rt_public_docs,
+                   help="public documents added to every proxy set")
+    p.add_argument("--steps", type=POS_INT, default=DEMO.rt_steps, help="optimizer steps")
+    p.add_argument("--lr", type=POS_FLOAT, default=DEMO.rt_lr, help="learning rate")
+    p.add_argument("--batch-size", type=POS_INT, default=DEMO.batch_size, help="windows per step")
+    p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes, help="bytes per data source")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    return parser
+
+
+# ---- running a command ---------------------------------------------------------------------------------------
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can act on (one line, no traceback); anything else is a bug."""
+    from .flexolmo.data import CorpusMissingError
+    # the package's errors (CheckpointError, PackageError, MergeError, OutputError) are ValueErrors
+    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            IsADirectoryError, CorpusMissingError)
+
+
+def _missing_modules() -> list[str]:
+    import importlib.util
+    missing = []
+    for name in PIPELINE_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                missing.append(name)
+        except (ImportError, ValueError):
+            missing.append(name)
+    return missing
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {' '.join(str(message).strip().splitlines())}", file=sys.stderr, flush=True)
+
+
+def _fail(a, exc: BaseException | str, status: int) -> int:
+    if getattr(a, "debug", False) and isinstance(exc, BaseException):
+        traceback.print_exception(exc)
+    _say(f"error: {exc}")
+    return status
+
+
+def _extra_error(missing: Sequence[str]) -> str:
+    return (f"the FlexOlmo pipeline needs the 'flexolmo' extra (missing: {', '.join(missing)}); "
+            f"install it with: {EXTRA_HINT}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if a.command == "demo":
-        from .flexolmo.demo import run_demo
-        run_demo(a.out, a.preset, install=not a.no_install, force=a.force, anchor_steps=a.anchor_steps,
-                 expert_steps=a.expert_steps, max_bytes=a.max_bytes, eval_tokens=a.eval_tokens,
-                 rt_steps=a.rt_steps, embed_method=a.embed_method, device=a.device)
-    elif a.command == "anchor":
-        from .flexolmo.data import PUBLIC_DOMAINS
-        from .flexolmo.train import train_anchor
-        train_anchor(a.out, preset=a.preset, data=a.data or list(PUBLIC_DOMAINS), embed_method=a.embed_method,
-                     **_train_kwargs(a))
-    elif a.command == "train-expert":
-        from .flexolmo.train import train_expert
-        train_expert(a.anchor, a.source, a.out, name=a.name, checkpoint_every=a.checkpoint_every,
-                     **_train_kwargs(a))
-    elif a.command == "merge":
-        from .flexolmo.merge import merge
-        print(f"wrote {merge(a.anchor, a.packages, a.out, top_k=a.top_k)}")
-    elif a.command == "evaluate":
-        return _evaluate(a)
-    elif a.command == "opt-out":
-        from .flexolmo.merge import opt_out
-        print(f"wrote {opt_out(a.model, a.name, a.out)}")
-    elif a.command == "opt-in":
-        from .flexolmo.merge import opt_in
-        print(f"wrote {opt_in(a.model, a.package, a.out)}")
-    elif a.command == "tune-router":
-        return _tune_router(a)
-    return 0
+    try:
+        missing = _missing_modules()
+        if missing:
+            return _fail(a, _extra_error(missing), 1)
+        try:
+            a.check(a)
+        except _user_errors() as exc:
+            return _fail(a, exc, 2)
+        return a.run(a) or 0
+    except KeyboardInterrupt as exc:
+        if a.debug:
+            traceback.print_exception(exc)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # end a progress bar's line
+        _say(f"interrupted; {a.interrupted(a)}")
+        return 130
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in PIPELINE_MODULES:
+            return _fail(a, _extra_error([exc.name.split(".")[0]]), 1)
+        raise
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            return _fail(a, exc, 1)
+        raise
 
 
 if __name__ == "__main__":
