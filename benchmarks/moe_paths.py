@@ -14,6 +14,7 @@ Shapes: T tokens, D d_model, F expert width, E experts, K top-k, N = T*K routed 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -126,9 +127,17 @@ def _resolve(op: str, wanted: str, device: torch.device) -> str:
     has it, else "auto" (route/dispatch may have no triton version, experts no cuda version)."""
     name = wanted if wanted == "auto" or wanted in fk_backend.available(op) else "auto"
     try:
-        return fk_backend.lookup(op, name, device)[0]
+        return _quiet_lookup(op, name, device)
     except RuntimeError:
-        return fk_backend.lookup(op, "auto", device)[0]
+        return _quiet_lookup(op, "auto", device)
+
+
+def _quiet_lookup(op: str, name: str, device: torch.device) -> str:
+    """The backend lookup picks for ``name`` on ``device``, without the fallback warning (the
+    benchmark records the resolved names itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fk_backend.lookup(op, name, device)[0]
 
 
 def flexkern_path(wanted: str, device: torch.device) -> Path:
@@ -159,10 +168,11 @@ def flexkern_paths(device: torch.device, keep: Callable[[str], bool] = lambda na
     usable = []
     for name in list(fk_backend.available("experts_swiglu")) + ["auto"]:
         try:
-            fk_backend.lookup("experts_swiglu", name, device)
+            got = _quiet_lookup("experts_swiglu", name, device)
         except RuntimeError:
             continue
-        if keep(f"flexkern:{name}"):
+        # a backend that declines this device (falls back to another) is not a path of its own
+        if (name == "auto" or got == name) and keep(f"flexkern:{name}"):
             usable.append(name)
     paths, seen, same = [], {}, {}
     for name in usable:

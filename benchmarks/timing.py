@@ -17,6 +17,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synced_clock() -> float:
+    """Seconds on the host clock, read after the GPU has finished its queued work (a no-op wait
+    on the CPU): a timer for pytest-benchmark that measures device time plus a sync's latency."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+class L2Flush:
+    """Overwrites a buffer larger than the GPU's L2 (do_bench does the same between calls), so
+    a timed call does not start from the previous call's cached inputs. No-op on the CPU."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20):
+        self.buf = torch.empty(nbytes, dtype=torch.int8, device=device) if device.type == "cuda" else None
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.zero_()
+
+
 def bench_ms(fn: Callable[[], object], device: torch.device, *, warmup_ms: float = 25,
              rep_ms: float = 100, grad_to_none=None) -> float:
     """Median milliseconds of one call of ``fn``."""
