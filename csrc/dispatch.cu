@@ -1,5 +1,5 @@
-// Dispatch: stable counting sort of the (token, slot) pairs by expert, and the grouped-GEMM tile
-// schedule derived from its offsets.
+// Dispatch: stable counting sort of the (token, slot) pairs by expert. (The grouped GEMMs derive
+// their tile schedule from the offsets themselves: flexkern/triton/schedule.py.)
 //
 // The slots are cut into contiguous ranges, one per warp. A warp walks its range in order, 32
 // slots at a time; __match_any_sync groups the lanes that hold the same expert, and a lane's rank
@@ -21,8 +21,6 @@ constexpr int kBlockWarps = 4;            // warps per block in the multi-block 
 constexpr int64_t kUnitMinSlots = 128;    // slots per warp in the multi-block path (at least)
 constexpr int64_t kMaxUnits = 4096;       // bounds the per-expert scan length
 constexpr int kScanThreads = 256;
-constexpr int kTileThreads = 256;
-constexpr int kTileMaxBlocks = 1024;
 
 struct Plan {
   bool small;
@@ -261,40 +259,6 @@ cudaError_t launch_dispatch(const Plan& plan, const IdT* ids, const uint8_t* mas
   return cudaGetLastError();
 }
 
-__global__ void __launch_bounds__(kTileThreads)
-    tile_schedule_kernel(const int64_t* __restrict__ offsets_E1, int E, int block_m,
-                         int64_t max_tiles, int32_t* __restrict__ tile_expert,
-                         int32_t* __restrict__ tile_row, int32_t* __restrict__ num_tiles) {
-  extern __shared__ long long first_tile[];  // E + 1: exclusive prefix of tiles per expert
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    first_tile[e] = ceil_div(offsets_E1[e + 1] - offsets_E1[e], block_m);
-  }
-  __syncthreads();
-  if (warp_id() == 0) warp_exclusive_scan(first_tile, E);
-  __syncthreads();
-  const long long total = min(first_tile[E], static_cast<long long>(max_tiles));
-  if (blockIdx.x == 0 && threadIdx.x == 0) *num_tiles = static_cast<int32_t>(total);
-  for (int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; m < max_tiles;
-       m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (m >= total) {
-      tile_expert[m] = -1;
-      tile_row[m] = -1;
-      continue;
-    }
-    int lo = 0, hi = E - 1;  // the last expert whose first tile is <= m (skips empty experts)
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (first_tile[mid] <= m) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    tile_expert[m] = lo;
-    tile_row[m] = static_cast<int32_t>(offsets_E1[lo] + (m - first_tile[lo]) * block_m);
-  }
-}
-
 }  // namespace
 
 size_t dispatch_workspace_bytes(int64_t T, int K, int E) {
@@ -326,21 +290,6 @@ cudaError_t dispatch(const void* experts_TK, bool ids_int64, const uint8_t* mask
   }
   return launch_dispatch(plan, static_cast<const int32_t*>(experts_TK), mask_E, N, K, E, workspace,
                          offsets_E1, token_of_row_N, slot_of_row_N, row_of_slot_TK, stream);
-}
-
-cudaError_t tile_schedule(const int64_t* offsets_E1, int E, int block_m, int64_t max_tiles,
-                          int32_t* tile_expert_M, int32_t* tile_row_M, int32_t* num_tiles,
-                          cudaStream_t stream) {
-  if (E < 1 || E > kDispatchMaxExperts || block_m < 1 || max_tiles < 0 || offsets_E1 == nullptr ||
-      num_tiles == nullptr || (max_tiles > 0 && (tile_expert_M == nullptr || tile_row_M == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  int64_t blocks = ceil_div(max_tiles, kTileThreads);
-  blocks = blocks < 1 ? 1 : (blocks > kTileMaxBlocks ? kTileMaxBlocks : blocks);
-  tile_schedule_kernel<<<static_cast<unsigned>(blocks), kTileThreads, (E + 1) * sizeof(long long),
-                         stream>>>(offsets_E1, E, block_m, max_tiles, tile_expert_M, tile_row_M,
-                                   num_tiles);
-  return cudaGetLastError();
 }
 
 }  // namespace flexkern

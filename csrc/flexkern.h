@@ -46,12 +46,4 @@ cudaError_t dispatch(const void* experts_TK, bool ids_int64, const uint8_t* mask
                      int32_t* token_of_row_N, int32_t* slot_of_row_N, int32_t* row_of_slot_TK,
                      cudaStream_t stream);
 
-// Grouped-GEMM tile schedule: expert e owns ceil(rows_e / block_m) tiles of block_m rows.
-//   tile_expert_M, tile_row_M (M,) int32: expert and first row of each tile, -1 past the last tile
-//   num_tiles (1,) int32. M = max_tiles must be >= ceil(N / block_m) + E for N routed-row capacity.
-// Requires 1 <= E <= kDispatchMaxExperts and block_m >= 1.
-cudaError_t tile_schedule(const int64_t* offsets_E1, int E, int block_m, int64_t max_tiles,
-                          int32_t* tile_expert_M, int32_t* tile_row_M, int32_t* num_tiles,
-                          cudaStream_t stream);
-
 }  // namespace flexkern

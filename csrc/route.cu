@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kTokensPerBlock* kWarp)
     }
   }
   // As in torch.softmax: a NaN or +inf logit, or a row of -inf, makes every probability NaN
-  // (through the sum), and such rows then pick experts 0..K-1 in order.
+  // (through the sum), and such rows then pick experts 0..K-1 in order (masked ones set to 0 below).
   const float m = warp_max(local_max);
   float local_sum = 0.f;
 #pragma unroll
@@ -73,6 +73,15 @@ __global__ void __launch_bounds__(kTokensPerBlock* kWarp)
   const float sum = warp_sum(local_sum);
 #pragma unroll
   for (int j = 0; j < VPT; ++j) p[j] = p[j] / sum;
+  if (apply_mask) {
+    // A masked expert's probability is exactly 0, also when every expert is masked (the 0/0
+    // above is NaN): fewer active experts than K give weight-0 slots, never NaN.
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const int e = lane + j * kWarp;
+      if (e < E && !mask_E[e]) p[j] = 0.f;
+    }
+  }
 
   if (lse_T != nullptr) {
     float raw_max = -INFINITY;

@@ -17,10 +17,13 @@ _LAZY = {
     "dispatch": "flexkern.ops",
     "experts_swiglu": "flexkern.ops",
     "route": "flexkern.ops",
+    "explain": "flexkern.ops.backend",
+    "Z_LOSS_WEIGHT": "flexkern.nn",
 }
 _SUBMODULES = ("ops", "nn")
 
-__all__ = ["FlexMoE", "Dispatch", "dispatch", "experts_swiglu", "route", "ops", "__version__"]
+__all__ = ["FlexMoE", "Dispatch", "dispatch", "experts_swiglu", "explain", "route", "ops",
+           "Z_LOSS_WEIGHT", "__version__"]
 
 
 def __getattr__(name: str):

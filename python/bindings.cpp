@@ -75,24 +75,10 @@ void dispatch(std::uintptr_t experts_TK, bool ids_int64, std::uintptr_t mask_E, 
                "dispatch");
 }
 
-void tile_schedule(std::uintptr_t offsets_E1, int E, int block_m, int64_t max_tiles,
-                   std::uintptr_t tile_expert_M, std::uintptr_t tile_row_M,
-                   std::uintptr_t num_tiles, std::uintptr_t stream) {
-  require(E >= 1 && E <= flexkern::kDispatchMaxExperts,
-          "tile_schedule supports 1 <= E <= " + std::to_string(flexkern::kDispatchMaxExperts));
-  require(block_m >= 1, "block_m must be >= 1");
-  require(max_tiles >= 0, "max_tiles must be >= 0");
-  py::gil_scoped_release release;
-  check_launch(flexkern::tile_schedule(as_ptr<const int64_t>(offsets_E1), E, block_m, max_tiles,
-                                       as_ptr<int32_t>(tile_expert_M), as_ptr<int32_t>(tile_row_M),
-                                       as_ptr<int32_t>(num_tiles), as_stream(stream)),
-               "tile_schedule");
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "flexkern CUDA kernels (routing, dispatch, tile schedule) on raw device pointers";
+  m.doc() = "flexkern CUDA kernels (routing, dispatch) on raw device pointers";
   m.attr("ROUTE_MAX_EXPERTS") = flexkern::kRouteMaxExperts;
   m.attr("ROUTE_MAX_TOP_K") = flexkern::kRouteMaxTopK;
   m.attr("DISPATCH_MAX_EXPERTS") = flexkern::kDispatchMaxExperts;
@@ -114,8 +100,4 @@ PYBIND11_MODULE(_C, m) {
         py::arg("offsets_E1"), py::arg("token_of_row_N"), py::arg("slot_of_row_N"),
         py::arg("row_of_slot_TK"), py::arg("stream"),
         "Stable counting sort of the T*K slots by expert (layout of flexkern.ops.dispatch).");
-  m.def("tile_schedule", &tile_schedule, py::arg("offsets_E1"), py::arg("E"), py::arg("block_m"),
-        py::arg("max_tiles"), py::arg("tile_expert_M"), py::arg("tile_row_M"),
-        py::arg("num_tiles"), py::arg("stream"),
-        "Grouped-GEMM tiles of block_m rows: expert and first row per tile, -1 past the last.");
 }

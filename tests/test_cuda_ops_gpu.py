@@ -282,33 +282,6 @@ def test_dispatch_is_deterministic(cu):
         assert torch.equal(x, y)
 
 
-# --------------------------------------------------------------------------------- tile schedule
-
-def tile_schedule_ref(offsets_E1, block_m, num_rows):
-    E = offsets_E1.numel() - 1
-    experts, rows = [], []
-    for e in range(E):
-        s, t = int(offsets_E1[e]), int(offsets_E1[e + 1])
-        for r in range(s, t, block_m):
-            experts.append(e)
-            rows.append(r)
-    M = -(-num_rows // block_m) + min(E, num_rows)
-    pad = [-1] * (M - len(experts))
-    return (torch.tensor(experts + pad, dtype=torch.int32), torch.tensor(rows + pad, dtype=torch.int32),
-            len(experts))
-
-
-@pytest.mark.parametrize("T,E,K,block_m", [(0, 4, 2, 64), (1, 1, 1, 16), (300, 8, 2, 64),
-                                           (5000, 64, 8, 128), (2000, 1024, 4, 32), (77, 5, 5, 1)])
-def test_tile_schedule(cu, T, E, K, block_m):
-    mask = torch.rand(E, device="cuda") > 0.2
-    d = flexkern.dispatch(routing(T, E, K), E, mask, backend="cuda")
-    tile_e, tile_r, n = cu.tile_schedule(d.offsets_E1, block_m, T * K)
-    want_e, want_r, want_n = tile_schedule_ref(d.offsets_E1.cpu(), block_m, T * K)
-    assert torch.equal(tile_e.cpu(), want_e) and torch.equal(tile_r.cpu(), want_r)
-    assert int(n) == want_n
-
-
 # ------------------------------------------------------------------------------------ CUDA graph
 
 @pytest.mark.parametrize("T", [64, 4096])

@@ -1,9 +1,9 @@
 """CUDA backend: the routing and dispatch kernels of the compiled extension flexkern._C.
 
 Importing it registers the "cuda" implementations of the ``route`` and ``dispatch`` ops. It raises
-ImportError when flexkern._C is not built, and the package then runs the other backends. Sizes the
-kernels do not cover (float64, more than 256 experts or top-k above 16 for route, more than 1024
-experts for dispatch) fall back to the reference inside these functions.
+ImportError when flexkern._C is not built, and the package then runs the other backends. What the
+kernels cover is declared to the seam (``supports_route``: not float64, at most 256 experts and
+top-k 16; ``supports_dispatch``: at most 1024 experts); flexkern.ops.backend sends the rest on.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ except ImportError as exc:
 
 from flexkern.ops import backend as _backend
 
-from .dispatch import dispatch_cuda, max_tiles, tile_schedule
-from .route import route_cuda, route_topk
+from .dispatch import dispatch_cuda, supports_dispatch
+from .route import route_cuda, route_topk, supports_route
 
-_backend.register("route", "cuda", route_cuda)
-_backend.register("dispatch", "cuda", dispatch_cuda)
+_backend.register("route", "cuda", route_cuda, supports=supports_route)
+_backend.register("dispatch", "cuda", dispatch_cuda, supports=supports_dispatch)
 
-__all__ = ["dispatch_cuda", "max_tiles", "route_cuda", "route_topk", "tile_schedule"]
+__all__ = ["dispatch_cuda", "route_cuda", "route_topk", "supports_dispatch", "supports_route"]

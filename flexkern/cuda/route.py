@@ -5,17 +5,22 @@ from __future__ import annotations
 import torch
 
 from flexkern import _C
-from flexkern.ops.route import route_ref, router_logits_ref
+from flexkern.ops.route import router_logits_ref
 
 from ._launch import device_and_stream, ptr
 
 _KERNEL_DTYPES = {torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
 
 
-def supports(num_experts: int, k: int, dtype: torch.dtype) -> bool:
-    """Sizes and dtypes the fused kernel covers; the rest runs the reference."""
-    return (num_experts <= _C.ROUTE_MAX_EXPERTS and k <= _C.ROUTE_MAX_TOP_K
-            and dtype != torch.float64)
+def supports_route(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False):
+    """None when the fused kernel covers these inputs, else why not (registered with the seam)."""
+    if x_TD.dtype == torch.float64:
+        return "float64 routing runs on the reference"
+    if router_ED.shape[0] > _C.ROUTE_MAX_EXPERTS:
+        return f"{router_ED.shape[0]} experts > {_C.ROUTE_MAX_EXPERTS}"
+    if k > _C.ROUTE_MAX_TOP_K:
+        return f"top_k {k} > {_C.ROUTE_MAX_TOP_K}"
+    return None
 
 
 def route_topk(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bias_E=None,
@@ -57,9 +62,8 @@ def router_logits(x_TD, router_ED, bias_E=None):
 
 
 def route_cuda(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False):
-    """Drop-in for ``route_ref``: returns (weights_TK, experts_TK int32, logits_TE)."""
-    if not supports(router_ED.shape[0], k, x_TD.dtype):
-        return route_ref(x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize)
+    """Drop-in for ``route_ref`` on the inputs ``supports_route`` accepts: returns
+    (weights_TK, experts_TK int32, logits_TE)."""
     logits_TE = router_logits(x_TD, router_ED, bias_E)
     weights_TK, experts_TK = route_topk(logits_TE, k, mask_E, reroute, renormalize)
     return weights_TK, experts_TK, logits_TE

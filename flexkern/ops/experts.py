@@ -19,6 +19,11 @@ and the backward given them skips the two GEMMs that would recompute them. Witho
 The reference here works on any device: on the CPU it loops over the experts that have rows; on
 CUDA it stays free of host synchronisation by running every expert over all N rows and selecting
 (an oracle, E times the work — the Triton backend is the fast path there).
+
+Weights may be strided views (a slice of a fused gate_up tensor, a transposed layout): every
+backend reads them as they are, with no per-call copy, and the weight gradients come back
+contiguous. x, weights_TK and the dispatch tensors are made contiguous (copies only if they are
+not). K = 0 or N = 0 rows gives y = 0 on every backend.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 from . import backend as _backend
 from .checks import FLOAT_DTYPES, check_shape, check_tensor
-from .dispatch import Dispatch
+from .dispatch import Dispatch, check_dispatch
 from .route import compute_dtype
 
 
@@ -120,7 +125,8 @@ def experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, t
     do_ND = torch.where(used_N1, dy_TD[token_of_row_N.clamp_min(0).long()].to(cd) * w_N[:, None], 0).to(dt)
     o_ND = x_TD.new_zeros((N, D))
     dx_ND = x_TD.new_zeros((N, D))
-    d_gate, d_up, d_down = (torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
+    # Contiguous gradients whatever the weights' strides (the fake implementation says so too).
+    d_gate, d_up, d_down = (w.new_zeros(w.shape) for w in (w_gate_EFD, w_up_EFD, w_down_EDF))
     frozen = frozen_E.tolist() if frozen_E is not None and not sync_free else None
     for e, rows in _expert_rows(offsets_E1, N, sync_free):
         x_rD, do_rD = rows.take(x_ND), rows.take(do_ND)
@@ -179,9 +185,10 @@ def _experts_op(
     save_activations: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y_TD, g_NF, u_NF); g_NF, u_NF are (0, F) unless ``save_activations``."""
-    _, fn = _backend.lookup("experts_swiglu", backend, x_TD.device)
-    return fn(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
-              row_of_slot_TK, weights_TK, frozen_E, save_activations=save_activations)
+    args = (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
+            row_of_slot_TK, weights_TK, frozen_E)
+    _, fn = _backend.lookup("experts_swiglu", backend, *args, save_activations=save_activations)
+    return fn(*args, save_activations=save_activations)
 
 
 @_experts_op.register_fake
@@ -201,35 +208,80 @@ def _experts_bwd_op(
     u_NF: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """g_NF, u_NF: the forward's saved pre-activations, or None to recompute them."""
-    _, fn = _backend.lookup("experts_swiglu_backward", backend, x_TD.device)
-    return fn(dy_TD.contiguous(), x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
-              token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E,
-              g_NF=g_NF, u_NF=u_NF)
+    args = (dy_TD.contiguous(), x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
+            token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E)
+    _, fn = _backend.lookup("experts_swiglu_backward", backend, *args, g_NF=g_NF, u_NF=u_NF)
+    return fn(*args, g_NF=g_NF, u_NF=u_NF)
 
 
 @_experts_bwd_op.register_fake
 def _(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
       row_of_slot_TK, weights_TK, frozen_E, backend, g_NF=None, u_NF=None):
-    return (torch.empty_like(x_TD), torch.empty_like(w_gate_EFD), torch.empty_like(w_up_EFD),
-            torch.empty_like(w_down_EDF), torch.empty_like(weights_TK))
+    return (torch.empty_like(x_TD), w_gate_EFD.new_empty(w_gate_EFD.shape),
+            w_up_EFD.new_empty(w_up_EFD.shape), w_down_EDF.new_empty(w_down_EDF.shape),
+            torch.empty_like(weights_TK))
 
 
 def _setup_context(ctx, inputs, output):
+    (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
+     row_of_slot_TK, weights_TK, frozen_E, backend, save_activations) = inputs
     _, g_NF, u_NF = output
     ctx.mark_non_differentiable(g_NF, u_NF)  # saved for the backward, not an output of the layer
-    ctx.save_for_backward(*inputs[:10], g_NF, u_NF)
-    ctx.backend, ctx.saved_activations = inputs[10], inputs[11]
+    ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
+                          slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, g_NF, u_NF)
+    ctx.backend, ctx.saved_activations = backend, save_activations
 
 
 def _backward(ctx, dy_TD, _dg_NF, _du_NF):
-    *inputs, g_NF, u_NF = ctx.saved_tensors
+    (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
+     row_of_slot_TK, weights_TK, frozen_E, g_NF, u_NF) = ctx.saved_tensors
     if not ctx.saved_activations:
         g_NF = u_NF = None
-    dx, d_gate, d_up, d_down, d_weights = _experts_bwd_op(dy_TD, *inputs, ctx.backend, g_NF, u_NF)
+    dx, d_gate, d_up, d_down, d_weights = _experts_bwd_op(
+        dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N, slot_of_row_N,
+        row_of_slot_TK, weights_TK, frozen_E, ctx.backend, g_NF, u_NF)
+    # One gradient per op input: x, w_gate, w_up, w_down, the 4 dispatch tensors, weights,
+    # frozen, backend, save_activations.
     return dx, d_gate, d_up, d_down, None, None, None, None, d_weights, None, None, None
 
 
 _experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _experts_arguments(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, dispatch, weights_TK,
+                       frozen_E=None, recompute_activations=False):
+    """Check the public arguments (a hand-built Dispatch also by value, see ``Dispatch``);
+    returns the backend functions' (args, kwargs). Weights are passed as they are (no copy)."""
+    check_tensor("x", x_TD, ndim=2, dtypes=FLOAT_DTYPES)
+    dev, dt = x_TD.device, x_TD.dtype
+    T, D = x_TD.shape
+    for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
+        check_tensor(name, w, ndim=3, dtypes=(dt,), device=dev)
+        if any(st < 0 for st in w.stride()):
+            raise ValueError(f"{name} has a negative stride {w.stride()}")
+    E, Fw, Dw = w_gate_EFD.shape
+    if Dw != D:
+        raise ValueError(f"w_gate has width {Dw} but x has width {D}")
+    check_shape("w_up", w_up_EFD, (E, Fw, D))
+    check_shape("w_down", w_down_EDF, (E, D, Fw))
+    if not isinstance(dispatch, Dispatch):
+        raise TypeError(f"dispatch must be a flexkern.Dispatch, got {type(dispatch).__name__}")
+    check_tensor("weights", weights_TK, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
+    K = weights_TK.shape[1]
+    check_shape("weights", weights_TK, (T, K))
+    disp = check_dispatch(dispatch, T, K, E, dev)
+    if frozen_E is not None:
+        check_tensor("frozen", frozen_E, ndim=1, dtypes=(torch.bool,), device=dev)
+        check_shape("frozen", frozen_E, (E,))
+    # Keep g and u for the backward only when there will be one.
+    save = not recompute_activations and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK))
+    args = (x_TD.contiguous(), w_gate_EFD, w_up_EFD, w_down_EDF, *disp, weights_TK.contiguous(),
+            frozen_E)
+    return args, {"save_activations": save}
+
+
+_backend.register_arguments("experts_swiglu", _experts_arguments)
 
 
 def experts_swiglu(
@@ -251,35 +303,10 @@ def experts_swiglu(
     the pre-activations g, u (two N x F tensors in x's dtype, N = T*K) so the backward does not
     recompute them. ``recompute_activations=True`` keeps nothing and recomputes them instead:
     less activation memory (2·N·F elements) for two more grouped GEMMs in the backward.
+    The weights may be strided views (no copy is made); ``dispatch`` comes from
+    ``flexkern.dispatch`` or ``Dispatch.from_offsets`` (a hand-built one is checked first).
     """
-    check_tensor("x", x_TD, ndim=2, dtypes=FLOAT_DTYPES)
-    dev, dt = x_TD.device, x_TD.dtype
-    T, D = x_TD.shape
-    for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
-        check_tensor(name, w, ndim=3, dtypes=(dt,), device=dev)
-    E, Fw, Dw = w_gate_EFD.shape
-    if Dw != D:
-        raise ValueError(f"w_gate has width {Dw} but x has width {D}")
-    check_shape("w_up", w_up_EFD, (E, Fw, D))
-    check_shape("w_down", w_down_EDF, (E, D, Fw))
-    if not isinstance(dispatch, Dispatch):
-        raise TypeError(f"dispatch must be a flexkern.Dispatch, got {type(dispatch).__name__}")
-    check_tensor("weights", weights_TK, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
-    K = weights_TK.shape[1]
-    check_shape("weights", weights_TK, (T, K))
-    check_shape("dispatch.offsets_E1", dispatch.offsets_E1, (E + 1,))
-    check_shape("dispatch.row_of_slot_TK", dispatch.row_of_slot_TK, (T, K))
-    check_shape("dispatch.token_of_row_N", dispatch.token_of_row_N, (T * K,))
-    for name, t in zip(("offsets_E1", "token_of_row_N", "slot_of_row_N", "row_of_slot_TK"), dispatch.tensors()):
-        check_tensor(f"dispatch.{name}", t, device=dev)
-    if frozen_E is not None:
-        check_tensor("frozen", frozen_E, ndim=1, dtypes=(torch.bool,), device=dev)
-        check_shape("frozen", frozen_E, (E,))
-    # Keep g and u for the backward only when there will be one.
-    save = not recompute_activations and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK))
-    y_TD, _, _ = _experts_op(
-        x_TD.contiguous(), w_gate_EFD.contiguous(), w_up_EFD.contiguous(), w_down_EDF.contiguous(),
-        *dispatch.tensors(), weights_TK.contiguous(), frozen_E, _backend.requested(backend), save,
-    )
+    args, kwargs = _experts_arguments(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, dispatch, weights_TK,
+                                      frozen_E, recompute_activations)
+    y_TD, _, _ = _experts_op(*args, _backend.requested(backend), kwargs["save_activations"])
     return y_TD

@@ -10,6 +10,11 @@ Shapes: T tokens, D d_model, E experts, K top-k.
     renormalize: weights_TK /= weights_TK.sum(-1)            (Mixtral style; FlexOlmo default off)
 
 The returned logits are the unmasked ones; the router z-loss is computed from them by the caller.
+
+Fewer active experts than k (reroute): masked experts have probability exactly 0, so the slots
+past the active experts get weight 0 and a masked expert's id (the lowest ids first); dispatch
+with the same mask drops them (row -1). With every expert masked all K weights are 0 (never NaN)
+and the ids are 0..K-1. The result is the same in eager, compiled and graph-captured code.
 """
 from __future__ import annotations
 
@@ -33,9 +38,11 @@ def router_logits_ref(x_TD, router_ED, bias_E=None):
 
 
 def _gate_probs(logits_TE, mask_E, reroute: bool):
-    if reroute and mask_E is not None:
-        logits_TE = logits_TE.masked_fill(~mask_E, float("-inf"))
-    return torch.softmax(logits_TE, dim=-1)
+    if not (reroute and mask_E is not None):
+        return torch.softmax(logits_TE, dim=-1)
+    probs_TE = torch.softmax(logits_TE.masked_fill(~mask_E, float("-inf")), dim=-1)
+    # Masked experts get exactly 0, also when every expert is masked (softmax of -inf is NaN).
+    return torch.where(mask_E, probs_TE, 0)
 
 
 def route_ref(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False):
@@ -64,8 +71,9 @@ def _route_op(
     renormalize: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, fn = _backend.lookup("route", backend, x_TD.device)
-    return fn(x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize)
+    args = (x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize)
+    _, fn = _backend.lookup("route", backend, *args)
+    return fn(*args)
 
 
 @_route_op.register_fake
@@ -111,21 +119,9 @@ def _backward(ctx, d_weights_TK, d_experts_TK, d_logits_TE):
 _route_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def route(
-    x_TD: torch.Tensor,
-    router_ED: torch.Tensor,
-    k: int,
-    bias_E: torch.Tensor | None = None,
-    expert_mask_E: torch.Tensor | None = None,
-    mask_mode: str = "reroute",
-    renormalize: bool = False,
-    backend: str | None = None,
-):
-    """Top-k routing with an optional expert mask and per-expert logit bias.
-
-    Returns ``weights_TK`` (float32, float64 for float64 input), ``experts_TK`` (int32) and
-    ``logits_TE`` (float32/float64, bias added, mask not applied). Differentiable in x, router, bias.
-    """
+def _route_arguments(x_TD, router_ED, k, bias_E=None, expert_mask_E=None, mask_mode="reroute",
+                     renormalize=False):
+    """Check the public arguments; returns the backend functions' (args, kwargs)."""
     check_tensor("x", x_TD, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("router weight", router_ED, ndim=2, dtypes=FLOAT_DTYPES, device=x_TD.device)
     T, D = x_TD.shape
@@ -142,13 +138,29 @@ def route(
     if expert_mask_E is not None:
         check_tensor("expert_mask", expert_mask_E, ndim=1, dtypes=(torch.bool,), device=x_TD.device)
         check_shape("expert_mask", expert_mask_E, (E,))
-    return _route_op(
-        x_TD.contiguous(),
-        router_ED.contiguous(),
-        k,
-        bias_E,
-        expert_mask_E,
-        mask_mode == "reroute",
-        renormalize,
-        _backend.requested(backend),
-    )
+    args = (x_TD.contiguous(), router_ED.contiguous(), k, bias_E, expert_mask_E,
+            mask_mode == "reroute", renormalize)
+    return args, {}
+
+
+_backend.register_arguments("route", _route_arguments)
+
+
+def route(
+    x_TD: torch.Tensor,
+    router_ED: torch.Tensor,
+    k: int,
+    bias_E: torch.Tensor | None = None,
+    expert_mask_E: torch.Tensor | None = None,
+    mask_mode: str = "reroute",
+    renormalize: bool = False,
+    backend: str | None = None,
+):
+    """Top-k routing with an optional expert mask and per-expert logit bias.
+
+    Returns ``weights_TK`` (float32, float64 for float64 input), ``experts_TK`` (int32) and
+    ``logits_TE`` (float32/float64, bias added, mask not applied). Differentiable in x, router, bias.
+    Fewer active experts than k: see the module docstring (weight 0, never NaN).
+    """
+    args, _ = _route_arguments(x_TD, router_ED, k, bias_E, expert_mask_E, mask_mode, renormalize)
+    return _route_op(*args, _backend.requested(backend))

@@ -15,9 +15,10 @@ except Exception as exc:  # ImportError, or a triton build that fails to initial
     raise ImportError(f"flexkern.triton needs an importable triton: {exc}") from exc
 
 from ..ops import backend as _backend
-from .ops import experts_bwd_triton, experts_fwd_triton
+from .ops import experts_bwd_triton, experts_fwd_triton, supports_experts, supports_experts_backward
 
-_backend.register("experts_swiglu", "triton", experts_fwd_triton)
-_backend.register("experts_swiglu_backward", "triton", experts_bwd_triton)
+_backend.register("experts_swiglu", "triton", experts_fwd_triton, supports=supports_experts)
+_backend.register("experts_swiglu_backward", "triton", experts_bwd_triton,
+                  supports=supports_experts_backward)
 
-__all__ = ["experts_fwd_triton", "experts_bwd_triton"]
+__all__ = ["experts_fwd_triton", "experts_bwd_triton", "supports_experts", "supports_experts_backward"]

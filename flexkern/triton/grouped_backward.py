@@ -29,6 +29,7 @@ def recompute_kernel(
     h_ptr, dg_ptr, du_ptr, pdw_ptr, g_ptr, u_ptr,
     offsets_ptr, token_ptr, slot_ptr,
     D, F, E, N, num_m, num_n,
+    s_ge, s_gf, s_gd, s_ue, s_uf, s_ud, s_de, s_dd, s_df,
     LOAD_GU: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -48,10 +49,10 @@ def recompute_kernel(
 
     x_ptrs = x_ptr + tok[:, None] * D + ks[None, :]
     dy_ptrs = dy_ptr + tok[:, None] * D + ks[None, :]
-    w_base = expert.to(tl.int64) * F * D
-    wg_ptrs = wg_ptr + w_base + fs[None, :] * D + ks[:, None]   # w_gate[e]^T tile (k over D, f)
-    wu_ptrs = wu_ptr + w_base + fs[None, :] * D + ks[:, None]
-    wd_ptrs = wd_ptr + w_base + ks[:, None] * F + fs[None, :]   # w_down[e] tile (k over D, f)
+    e64 = expert.to(tl.int64)  # weights by their strides (s_g*: w_gate (E, F, D), s_d*: w_down (E, D, F))
+    wg_ptrs = wg_ptr + e64 * s_ge + fs[None, :] * s_gf + ks[:, None] * s_gd  # w_gate[e]^T tile (k over D, f)
+    wu_ptrs = wu_ptr + e64 * s_ue + fs[None, :] * s_uf + ks[:, None] * s_ud
+    wd_ptrs = wd_ptr + e64 * s_de + ks[:, None] * s_dd + fs[None, :] * s_df  # w_down[e] tile (k over D, f)
 
     s = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if not LOAD_GU:
@@ -66,12 +67,12 @@ def recompute_kernel(
             g = tl.dot(x, tl.load(wg_ptrs, mask=w_mask, other=0.0), g, input_precision=PRECISION)
             u = tl.dot(x, tl.load(wu_ptrs, mask=w_mask, other=0.0), u, input_precision=PRECISION)
             x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K * s_gd
+            wu_ptrs += BLOCK_K * s_ud
         dy = tl.load(dy_ptrs, mask=a_mask, other=0.0)
         s = tl.dot(dy, tl.load(wd_ptrs, mask=w_mask, other=0.0), s, input_precision=PRECISION)
         dy_ptrs += BLOCK_K
-        wd_ptrs += BLOCK_K * F
+        wd_ptrs += BLOCK_K * s_dd
 
     out_mask = row_ok[:, None] & f_ok[None, :]
     out_off = rows[:, None] * F + fs[None, :]

@@ -6,8 +6,9 @@ epilogues chosen at compile time (MODE):
     MODE_DUAL    C = A @ B + A2 @ B2                    (backward dx rows: dg @ w_gate + du @ w_up)
 
 Rows are grouped by expert (offsets_E1). With GATHER_A the A rows are read at token_of_row_N[r]
-inside the load, so x is never copied into expert order. B[e] is addressed by strides so the same
-kernel reads a weight either transposed or not. Accumulation is float32; C is stored in its dtype.
+inside the load, so x is never copied into expert order. B[e] and B2[e] are addressed by their own
+strides, so the same kernel reads a weight transposed or not, and strided views of weights (a
+slice of a fused gate_up tensor) without a copy. Accumulation is float32; C is stored in its dtype.
 With SAVE_GU (MODE_SWIGLU only) the two accumulators before the epilogue, g = A @ B and
 u = A @ B2, are also stored to G and U (row stride stride_c, C's dtype) for the backward.
 """
@@ -26,7 +27,7 @@ MODE_PLAIN, MODE_SWIGLU, MODE_DUAL = tl.constexpr(0), tl.constexpr(1), tl.conste
 def grouped_gemm_kernel(
     a_ptr, a2_ptr, b_ptr, b2_ptr, c_ptr, g_ptr, u_ptr, offsets_ptr, token_ptr,
     K, N_OUT, E, num_m, num_n,
-    stride_a, stride_be, stride_bk, stride_bn, stride_c,
+    stride_a, stride_be, stride_bk, stride_bn, stride_b2e, stride_b2k, stride_b2n, stride_c,
     GATHER_A: tl.constexpr, MODE: tl.constexpr, SAVE_GU: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
@@ -47,10 +48,11 @@ def grouped_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
 
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]
-    b_off = expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-    b_ptrs = b_ptr + b_off
+    b_ptrs = b_ptr + (expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk
+                      + cols[None, :] * stride_bn)
     if MODE != MODE_PLAIN:
-        b2_ptrs = b2_ptr + b_off
+        b2_ptrs = b2_ptr + (expert.to(tl.int64) * stride_b2e + ks[:, None] * stride_b2k
+                            + cols[None, :] * stride_b2n)
     if MODE == MODE_DUAL:
         a2_ptrs = a2_ptr + a_rows[:, None] * stride_a + ks[None, :]
 
@@ -75,7 +77,7 @@ def grouped_gemm_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
         if MODE != MODE_PLAIN:
-            b2_ptrs += BLOCK_K * stride_bk
+            b2_ptrs += BLOCK_K * stride_b2k
 
     c_off = rows[:, None] * stride_c + cols[None, :]
     c_mask = row_ok[:, None] & col_ok[None, :]

@@ -17,7 +17,11 @@ costs 18 N·D·F FLOPs for 2 N x F activations held between the passes. Without 
 g and u (two more GEMM passes, 22 N·D·F FLOPs) and holds no activation.
 
 Setting FLEXKERN_TRITON_POISON=1 fills every buffer with NaN before the kernels write it (tests).
-float64 inputs go to the reference (tl.dot has no float64 path).
+What this backend runs is declared by ``supports_experts`` (registered with the op): float32,
+float16 and bfloat16 (not bfloat16 in the interpreter, which computes it wrongly), one expert's
+weight within 2^31 elements of its start. Anything else the seam sends to another backend; these
+functions never call the reference. Weights are read through their strides (views, no copies);
+x and the dispatch tensors must be contiguous (the op makes them so).
 """
 from __future__ import annotations
 
@@ -28,8 +32,8 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources, PTXASError
 
-from ..ops.experts import check_saved_activations, experts_bwd_ref, experts_fwd_ref
-from .configs import SAFE, TileConfig, max_row_tiles, pick
+from ..ops.experts import check_saved_activations
+from .configs import SAFE, TileConfig, interpreting, max_row_tiles, pick
 
 _POISON_ENV = "FLEXKERN_TRITON_POISON"
 # (kernel, config) pairs that did not fit this GPU's shared memory/registers: use SAFE instead.
@@ -70,10 +74,12 @@ def _run(name: str, launch, cfg: TileConfig):
         return launch(SAFE)
 
 
-def _grouped_gemm(a, a2, b, b2, c, offsets_E1, token_of_row_N, *, k, n_out, stride_be, stride_bk,
-                  stride_bn, gather_a, mode, cfg, g=None, u=None):
-    """c[rows of e] = epilogue(a[rows] @ B[e]); B[e][kk, n] at b + e*stride_be + kk*stride_bk + n*stride_bn.
+def _grouped_gemm(a, a2, b, b2, c, offsets_E1, token_of_row_N, *, k, n_out, b_strides, b2_strides=None,
+                  gather_a, mode, cfg, g=None, u=None):
+    """c[rows of e] = epilogue(a[rows] @ B[e]); B[e][kk, n] at b + e*se + kk*sk + n*sn for
+    b_strides = (se, sk, sn), B2 likewise with b2_strides.
     g, u (MODE_SWIGLU, laid out like c): also store the two products before the epilogue."""
+    b2_strides = b_strides if b2_strides is None else b2_strides
     gg, _, _ = _kernels()
     N, E = c.shape[0], offsets_E1.shape[0] - 1
 
@@ -82,7 +88,7 @@ def _grouped_gemm(a, a2, b, b2, c, offsets_E1, token_of_row_N, *, k, n_out, stri
         gg.grouped_gemm_kernel[(num_m * num_n,)](
             a, a if a2 is None else a2, b, b if b2 is None else b2, c, c if g is None else g,
             c if u is None else u, offsets_E1, token_of_row_N,
-            k, n_out, E, num_m, num_n, a.stride(0), stride_be, stride_bk, stride_bn, c.stride(0),
+            k, n_out, E, num_m, num_n, a.stride(0), *b_strides, *b2_strides, c.stride(0),
             GATHER_A=gather_a, MODE=mode.value, SAVE_GU=g is not None, PRECISION=_precision(a.dtype),
             BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k, BLOCK_E=_block_e(E),
             GROUP_M=cf.group_m, num_warps=cf.num_warps, num_stages=cf.num_stages)
@@ -120,10 +126,38 @@ def _wgrad(a, a2, b, out, out2, offsets_E1, token_of_row_N, slot_of_row_N, weigh
     _run(f"wgrad{int(a2 is not None)}", launch, cfg)
 
 
-def _check_sizes(D: int, F: int) -> None:
-    # Offsets inside one expert's weight matrix are 32-bit; rows, tokens and experts are 64-bit.
-    if D * F >= 2**31:
-        raise ValueError(f"one expert's weight has D*F = {D * F} >= 2^31 elements; not supported")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SPAN_LIMIT = 2**31  # offsets inside one expert's weight are 32-bit; rows, tokens, experts 64-bit
+
+
+def _span(w: torch.Tensor) -> int:
+    """Elements from the start of one expert's matrix to its last element, plus one."""
+    return 1 + sum((n - 1) * st for n, st in zip(w.shape[1:], w.stride()[1:]))
+
+
+def supports_experts(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
+                     slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None, *,
+                     save_activations=False, **_):
+    """None when these kernels run the inputs, else why not (registered with the seam)."""
+    dt = x_TD.dtype
+    if dt not in _KERNEL_DTYPES:
+        return f"{str(dt).replace('torch.', '')} is not supported (tl.dot has no float64 path)"
+    if dt == torch.bfloat16 and x_TD.device.type == "cpu" and interpreting():
+        return "bfloat16 is computed wrongly by the Triton interpreter (use float32/float16 or a GPU)"
+    for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
+        if _span(w) > _SPAN_LIMIT:
+            return f"one expert's {name} spans {_span(w)} >= 2^31 elements"
+    return None
+
+
+def supports_experts_backward(dy_TD, x_TD, *args, g_NF=None, u_NF=None, **kwargs):
+    return supports_experts(x_TD, *args, **kwargs)
+
+
+def _b_strides(w, kk: int, n: int) -> tuple[int, int, int]:
+    """(expert, reduction, output-column) strides of weight ``w`` read as B[kk dim, n dim]."""
+    st = w.stride()
+    return st[0], st[kk], st[n]
 
 
 def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
@@ -133,32 +167,27 @@ def experts_fwd_triton(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token
     g_NF, u_NF (N, F) when ``save_activations`` (rows past offsets[E] unwritten), else (0, F).
 
     ``sync_free`` is accepted for signature parity: this path never synchronises."""
-    if x_TD.dtype == torch.float64:
-        return experts_fwd_ref(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
-                               slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E,
-                               save_activations=save_activations)
     gg, _, _ = _kernels()
     dev, dt = x_TD.device, x_TD.dtype
     (T, D), (E, F, _), N = x_TD.shape, w_gate_EFD.shape, token_of_row_N.shape[0]
-    _check_sizes(D, F)
-    y_TD = _buffer((T, D), dt, dev)
     g_NF, u_NF = (_buffer((N if save_activations else 0, F), dt, dev) for _ in range(2))
-    if N == 0:
-        return y_TD, g_NF, u_NF
+    if N == 0:  # no rows (K = 0 or T = 0): nothing to combine
+        return torch.zeros((T, D), dtype=dt, device=dev), g_NF, u_NF
+    y_TD = _buffer((T, D), dt, dev)
     cfg = pick(dev, dt, N, E)
-    x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1, token_of_row_N, row_of_slot_TK = (
-        t.contiguous() for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1,
-                                 token_of_row_N, row_of_slot_TK))
+    # Only the small inputs are made contiguous (no-ops from the op); weights go by their strides.
+    x_TD, weights_TK, offsets_E1, token_of_row_N, row_of_slot_TK = (
+        t.contiguous() for t in (x_TD, weights_TK, offsets_E1, token_of_row_N, row_of_slot_TK))
     h_NF = _buffer((N, F), dt, dev)
     # w_gate[e] (F, D) read as B[kk over D, n over F]
     _grouped_gemm(x_TD, None, w_gate_EFD, w_up_EFD, h_NF, offsets_E1, token_of_row_N, k=D, n_out=F,
-                  stride_be=F * D, stride_bk=1, stride_bn=D, gather_a=True, mode=gg.MODE_SWIGLU,
-                  cfg=cfg.gate_up, g=g_NF if save_activations else None,
-                  u=u_NF if save_activations else None)
+                  b_strides=_b_strides(w_gate_EFD, 2, 1), b2_strides=_b_strides(w_up_EFD, 2, 1),
+                  gather_a=True, mode=gg.MODE_SWIGLU, cfg=cfg.gate_up,
+                  g=g_NF if save_activations else None, u=u_NF if save_activations else None)
     o_ND = _buffer((N, D), dt, dev)
     # w_down[e] (D, F) read as B[kk over F, n over D]
     _grouped_gemm(h_NF, None, w_down_EDF, None, o_ND, offsets_E1, token_of_row_N, k=F, n_out=D,
-                  stride_be=D * F, stride_bk=1, stride_bn=F, gather_a=False, mode=gg.MODE_PLAIN,
+                  b_strides=_b_strides(w_down_EDF, 2, 1), gather_a=False, mode=gg.MODE_PLAIN,
                   cfg=cfg.down)
     del h_NF
     _gather_sum(o_ND, row_of_slot_TK, weights_TK, y_TD, cfg.combine)
@@ -171,28 +200,24 @@ def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1
     """Same contract as flexkern.ops.experts_bwd_ref:
     returns (dx_TD, d_w_gate_EFD, d_w_up_EFD, d_w_down_EDF, d_weights_TK).
     g_NF, u_NF: the forward's saved pre-activations (both or neither); None recomputes them."""
-    if x_TD.dtype == torch.float64:
-        return experts_bwd_ref(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
-                               token_of_row_N, slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E,
-                               g_NF=g_NF, u_NF=u_NF)
     gg, gb, cb = _kernels()
     dev, dt = x_TD.device, x_TD.dtype
     (T, D), (E, F, _), N = x_TD.shape, w_gate_EFD.shape, token_of_row_N.shape[0]
     K = row_of_slot_TK.shape[1]
-    _check_sizes(D, F)
     saved = check_saved_activations(g_NF, u_NF, N, F, dt)
-    if N == 0:
-        zeros = [torch.zeros_like(w) for w in (w_gate_EFD, w_up_EFD, w_down_EDF)]
-        return (_buffer((T, D), dt, dev), *zeros, _buffer((T, K), weights_TK.dtype, dev))
+    if N == 0:  # no rows: every gradient is zero
+        zeros = [w.new_zeros(w.shape) for w in (w_gate_EFD, w_up_EFD, w_down_EDF)]
+        return (torch.zeros((T, D), dtype=dt, device=dev), *zeros,
+                torch.zeros((T, K), dtype=weights_TK.dtype, device=dev))
     cfg = pick(dev, dt, N, E)
     dy_TD = dy_TD.to(dt).contiguous()
-    (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, offsets_E1, token_of_row_N, slot_of_row_N,
-     row_of_slot_TK) = (t.contiguous() for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK,
-                                                 offsets_E1, token_of_row_N, slot_of_row_N, row_of_slot_TK))
+    x_TD, weights_TK, offsets_E1, token_of_row_N, slot_of_row_N, row_of_slot_TK = (
+        t.contiguous() for t in (x_TD, weights_TK, offsets_E1, token_of_row_N, slot_of_row_N,
+                                 row_of_slot_TK))
     if saved:
         g_NF, u_NF = g_NF.contiguous(), u_NF.contiguous()
     h_NF, dg_NF, du_NF = (_buffer((N, F), dt, dev) for _ in range(3))
-    d_down = _buffer(w_down_EDF.shape, dt, dev)
+    d_down = _buffer(w_down_EDF.shape, dt, dev)  # gradients are contiguous whatever w's strides
 
     def recompute(cf):
         num_m, num_n = max_row_tiles(N, E, cf.block_m), triton.cdiv(F, cf.block_n)
@@ -201,6 +226,7 @@ def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1
             x_TD, dy_TD, w_gate_EFD, w_up_EFD, w_down_EDF, weights_TK, h_NF, dg_NF, du_NF, part_PN,
             g_NF if saved else h_NF, u_NF if saved else h_NF,
             offsets_E1, token_of_row_N, slot_of_row_N, D, F, E, N, num_m, num_n,
+            *w_gate_EFD.stride(), *w_up_EFD.stride(), *w_down_EDF.stride(),
             LOAD_GU=saved, PRECISION=_precision(dt), BLOCK_M=cf.block_m, BLOCK_N=cf.block_n, BLOCK_K=cf.block_k,
             BLOCK_E=_block_e(E), GROUP_M=cf.group_m, num_warps=cf.num_warps, num_stages=cf.num_stages)
         return part_PN
@@ -217,8 +243,9 @@ def experts_bwd_triton(dy_TD, x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1
     dx_ND = _buffer((N, D), dt, dev)
     # w_gate[e] (F, D) read as B[kk over F, n over D]
     _grouped_gemm(dg_NF, du_NF, w_gate_EFD, w_up_EFD, dx_ND, offsets_E1, token_of_row_N, k=F,
-                  n_out=D, stride_be=F * D, stride_bk=D, stride_bn=1, gather_a=False,
-                  mode=gg.MODE_DUAL, cfg=cfg.dx)
+                  n_out=D, b_strides=_b_strides(w_gate_EFD, 1, 2),
+                  b2_strides=_b_strides(w_up_EFD, 1, 2), gather_a=False, mode=gg.MODE_DUAL,
+                  cfg=cfg.dx)
     dx_TD = _buffer((T, D), dt, dev)
     _gather_sum(dx_ND, row_of_slot_TK, None, dx_TD, cfg.combine)
     del dx_ND
