@@ -1,3 +1,3 @@
-from .moe import Experts, FlexMoE, Router
+from .moe import Z_LOSS_WEIGHT, Experts, FlexMoE, Router
 
-__all__ = ["FlexMoE", "Router", "Experts"]
+__all__ = ["FlexMoE", "Router", "Experts", "Z_LOSS_WEIGHT"]

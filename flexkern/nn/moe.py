@@ -10,15 +10,33 @@ Public contract (the merge tooling depends on these names and shapes):
     expert_frozen       bool (E,) buffer, True = no gradient reaches that expert or its router row
     mask_mode           "reroute": masked experts leave the softmax (same as deleting them)
                         "drop":    routing unchanged, slots that chose a masked expert add nothing
-    z_loss              router z-loss of the last forward, mean over tokens of logsumexp(logits)^2
+    z_loss              router z-loss of the last forward that wanted a gradient: mean over tokens
+                        of logsumexp(active logits)^2 (None after a forward under no_grad)
+
+Rules:
+- Expert 0 is the public expert: it stays in slot 0 and has no bias. ``remove_expert(0)`` is
+  refused; masking it (``expert_mask[0] = False``) is allowed.
+- ``expert_mask`` and ``expert_frozen`` are saved in ``state_dict``. A state dict without them
+  (files written before they were saved) leaves the layer's current values: all active and none
+  frozen for a new layer. Assigning either needs a bool tensor of shape (E,).
+- Fewer active experts than top_k (reroute): the slots past the active experts get weight 0 and
+  are dropped (row -1), every expert masked gives y = 0, and the z-loss is over the active logits
+  only (0 for a token with none). This is the same in eager, compiled and CUDA-graph code (no
+  check needs the mask's values); eager code warns once per mask change.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..ops.checks import can_read_values
+
+# Weight of the router z-loss in the training loss (FlexOlmo): loss = CE + Z_LOSS_WEIGHT * z_loss.
+Z_LOSS_WEIGHT = 1e-3
+_STATE_BUFFERS = ("expert_mask", "expert_frozen")
 
 
 class Router(nn.Module):
@@ -70,14 +88,42 @@ class FlexMoE(nn.Module):
         self.recompute_activations = recompute_activations
         self.router = Router(d_model, num_experts, router_bias, **factory)
         self.experts = Experts(d_model, d_ff, num_experts, **factory)
-        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device), persistent=False)
-        self.register_buffer("expert_frozen", torch.zeros(num_experts, dtype=torch.bool, device=device), persistent=False)
+        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device))
+        self.register_buffer("expert_frozen", torch.zeros(num_experts, dtype=torch.bool, device=device))
         self.z_loss: torch.Tensor | None = None
         self._checked_mask_version = None
 
     @property
     def num_experts(self) -> int:
         return self.router.weight.shape[0]
+
+    def __setattr__(self, name, value):
+        if name in _STATE_BUFFERS and name in self.__dict__.get("_buffers", {}):
+            value = self._checked_state(name, value)
+        super().__setattr__(name, value)
+
+    def _checked_state(self, name: str, value) -> torch.Tensor:
+        """expert_mask / expert_frozen must stay bool (E,) on the layer's device."""
+        if not isinstance(value, torch.Tensor):
+            try:
+                value = torch.as_tensor(value, dtype=torch.bool)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"{name} must be a bool tensor of shape ({self.num_experts},): {exc}") from None
+        if value.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor, got dtype {value.dtype}")
+        if tuple(value.shape) != (self.num_experts,):
+            raise ValueError(f"{name} must have shape ({self.num_experts},) (one entry per expert), "
+                             f"got {tuple(value.shape)}")
+        return value.to(self.router.weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # Files written before the mask and frozen flags were saved: keep the current values.
+        for name in _STATE_BUFFERS:
+            if prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, "
@@ -92,21 +138,25 @@ class FlexMoE(nn.Module):
         return torch.cat([b.new_zeros(1), torch.clamp(b[1:], max=0)])
 
     def _check_mask(self) -> None:
-        # Reading the mask costs one device-to-host copy, so it happens only after the mask changed,
-        # and never while compiling or capturing a CUDA graph.
+        # Only a warning: fewer than top_k active experts is defined (module docstring). Reading the
+        # mask costs one device-to-host copy, so it happens only after the mask changed, and never
+        # while compiling or capturing a CUDA graph.
         m = self.expert_mask
         if self.mask_mode != "reroute" or not can_read_values(m):
             return
-        version = (m.data_ptr(), m._version)
+        try:
+            version = (m.data_ptr(), m._version)
+        except RuntimeError:  # inference tensors have no version counter
+            return
         if version == self._checked_mask_version:
             return
+        self._checked_mask_version = version
         active = int(m.sum())
         if active < self.top_k:
-            raise ValueError(
-                f"expert_mask leaves {active} active experts, fewer than top_k={self.top_k} "
-                "(mask_mode='reroute' needs at least top_k)"
-            )
-        self._checked_mask_version = version
+            what = "every expert is masked: the layer outputs zeros" if active == 0 else (
+                f"the slots past them get weight 0")
+            warnings.warn(f"expert_mask leaves {active} active experts, fewer than "
+                          f"top_k={self.top_k}; {what}", stacklevel=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -120,25 +170,41 @@ class FlexMoE(nn.Module):
             raise ValueError(f"input is on {x.device} but the layer is on {w.device}")
         self._check_mask()
         x_TD = x.reshape(-1, self.d_model)
-        frozen_E = self.expert_frozen
-        # Frozen router rows and biases see no gradient; the experts skip their dW work instead.
-        router_ED = torch.where(frozen_E[:, None], w.detach(), w)
+        frozen_E, mask_E = self.expert_frozen, self.expert_mask
         bias_E = self.effective_bias()
-        if bias_E is not None:
-            bias_E = torch.where(frozen_E, bias_E.detach(), bias_E)
+        grad = torch.is_grad_enabled()
+        router_ED = w
+        if grad:  # frozen router rows and biases see no gradient (the experts skip their dW work)
+            router_ED = torch.where(frozen_E[:, None], w.detach(), w)
+            if bias_E is not None:
+                bias_E = torch.where(frozen_E, bias_E.detach(), bias_E)
         weights_TK, experts_TK, logits_TE = ops.route(
-            x_TD, router_ED, self.top_k, bias_E, self.expert_mask, self.mask_mode,
-            self.renormalize, self.backend,
+            x_TD, router_ED, self.top_k, bias_E, mask_E, self.mask_mode, self.renormalize, self.backend,
         )
-        if self.mask_mode == "reroute":
-            logits_TE = logits_TE.masked_fill(~self.expert_mask, float("-inf"))
-        self.z_loss = (torch.logsumexp(logits_TE, dim=-1) ** 2).mean() if x_TD.shape[0] else logits_TE.sum()
-        disp = ops.dispatch(experts_TK, self.num_experts, self.expert_mask, self.backend, validate=False)
+        # The z-loss is a training term: not computed when no gradient is wanted.
+        self.z_loss = self._z_loss(logits_TE) if grad else None
+        disp = ops.dispatch(experts_TK, self.num_experts, mask_E, self.backend, validate=False)
         y_TD = ops.experts_swiglu(
             x_TD, self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj, disp,
             weights_TK, frozen_E, self.backend, self.recompute_activations,
         )
         return y_TD.view(x.shape)
+
+    def _z_loss(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """mean over tokens of logsumexp(active logits)^2; finite when every expert is masked."""
+        if logits_TE.shape[0] == 0:
+            return logits_TE.sum()
+        if self.mask_mode == "reroute":
+            m = self.expert_mask
+            any_active = m.any()
+            # Masked logits leave the sum; with none active a finite fill keeps the gradient clean
+            # and the token's term is 0.
+            fill = torch.where(any_active, float("-inf"), 0.0).to(logits_TE.dtype)
+            lse_T = torch.logsumexp(torch.where(m, logits_TE, fill), dim=-1)
+            lse_T = torch.where(any_active, lse_T, 0.0)
+        else:
+            lse_T = torch.logsumexp(logits_TE, dim=-1)
+        return (lse_T ** 2).mean()
 
     # ---- growing and shrinking -----------------------------------------------------------------
     def _replace(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -179,11 +245,17 @@ class FlexMoE(nn.Module):
 
     @torch.no_grad()
     def remove_expert(self, index: int) -> None:
-        """Delete expert ``index`` from every per-expert tensor (the opt-out that writes a new model)."""
+        """Delete expert ``index`` from every per-expert tensor (the opt-out that writes a new model).
+
+        Expert 0, the public expert, cannot be removed (it must stay in slot 0, where no bias
+        applies); mask it instead with ``expert_mask[0] = False``."""
         E = self.num_experts
-        if not isinstance(index, int) or not -E <= index < E:
+        if isinstance(index, bool) or not isinstance(index, int) or not -E <= index < E:
             raise ValueError(f"expert index must be in [0, {E}), got {index!r}")
         index %= E
+        if index == 0:
+            raise ValueError("expert 0 is the public expert and cannot be removed "
+                             "(mask it instead: expert_mask[0] = False)")
         if E - 1 < self.top_k:
             raise ValueError(f"cannot remove an expert: {E - 1} experts would be fewer than top_k={self.top_k}")
         keep = [e for e in range(E) if e != index]
