@@ -17,6 +17,7 @@ import os
 import time
 
 import torch
+from torch.autograd import DeviceType
 
 import flexkern
 from flexkern.triton import configs, ops as triton_ops
@@ -72,7 +73,10 @@ def kernel_breakdown(fwd, bwd, trace_path: str | None = None) -> list[tuple[str,
         torch.cuda.synchronize()
     if trace_path:
         _write_trace(prof, trace_path)
-    rows = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages()]
+    events = prof.key_averages()
+    # kernels only: with CPU activity recorded, the CPU ops above them carry their device time too
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA] or list(events)
+    rows = [(e.key, e.device_time_total / 1e3) for e in kernels]
     return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])[:12]
 
 
@@ -90,7 +94,10 @@ def _write_trace(prof, path: str) -> None:
         os.unlink(raw)
 
 
-def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None) -> dict:
+def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
+          progress=lambda result: None) -> dict:
+    """Breakdown, then the sweep role by role; ``progress(result)`` after each step (so a run
+    that is cut short keeps what it measured)."""
     x, ws, disp, weights, dy = make_inputs(shape)
     args = (x, *ws, *disp.tensors(), weights, None)
     # The training path: the forward saves the gate/up pre-activations, the backward loads them.
@@ -110,6 +117,7 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None) -> 
     print(f"\n== {shape.name}: kernel time of one forward+backward (ms)")
     for name, ms in result["breakdown_ms"]:
         print(f"  {ms:9.3f}  {name[:90]}")
+    progress(result)
     if breakdown_only:
         return result
     original = triton_ops.pick
@@ -132,6 +140,7 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None) -> 
             result["roles"][role] = {"rows": rows, "best": best}
             if best:
                 print(f"  {role:<10} current {rows[0]['ms']:.3f} ms -> best {best['ms']:.3f} ms {best['config']}")
+            progress(result)
     finally:
         triton_ops.pick = original
     return result
@@ -151,9 +160,14 @@ def main(argv=None) -> int:
         return 0
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
     for s in shapes:
-        out["results"].append(sweep(s, a.breakdown_only, a.trace_dir))
-        if a.json:  # after each shape: a run cut short keeps what it measured
-            report.write_json(a.json, out)
+        done = list(out["results"])
+
+        def progress(result, done=done):  # the JSON holds every step so far
+            if a.json:
+                report.write_json(a.json, {**out, "results": done + [result]})
+
+        out["results"].append(sweep(s, a.breakdown_only, a.trace_dir, progress))
+        progress(out["results"][-1], done)
     return 0
 
 

@@ -90,3 +90,17 @@ def test_normal_test_run_does_not_collect_the_suite():
     assert ini["testpaths"] == ["tests"]
     assert "python_files" not in ini  # the default test_*.py; benchmarks/ lies outside testpaths
     assert not (ROOT / "tests" / "test_bench_moe.py").exists()
+
+
+def test_gpu_check_script_parses_and_plans_every_step(tmp_path):
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(script), "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for what in ("bench_moe --check", "pytest benchmarks", "--benchmark-json=", "--breakdown-only",
+                 "--trace-dir", "tune_experts --shapes"):
+        assert what in proc.stdout, what
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.txt"]  # a dry run writes only its plan
+    bad = subprocess.run(["bash", str(script), "--no-such-flag"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2
