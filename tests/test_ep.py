@@ -4,6 +4,7 @@ frozen experts, skewed routing, ranks without tokens, fixed capacity (equal to e
 overflows, counted overflow when something does), shard/unshard round trip, and the bad-input
 and fault cases (each rank checks that the expected error came, so a failure cannot hang)."""
 import datetime
+import importlib
 import os
 import socket
 import traceback
@@ -24,13 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, scenario, errors):
+def _worker(rank, world, port, module, scenario, errors):
     torch.set_num_threads(1)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        globals()[scenario](rank, world)
+        getattr(importlib.import_module(module), scenario)(rank, world)
     except BaseException:  # reported to the parent with the rank
         errors.put((rank, traceback.format_exc()))
     finally:
@@ -38,10 +39,13 @@ def _worker(rank, world, port, scenario, errors):
             dist.destroy_process_group()
 
 
-def spawn(scenario: str, world: int) -> None:
+def spawn(scenario: str, world: int, module: str = __name__) -> None:
+    """Run ``module.scenario(rank, world)`` on ``world`` spawned gloo ranks; fail with every
+    rank's traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, (world, free_port(), scenario, errors), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, (world, free_port(), module, scenario, errors), nprocs=world,
+                       start_method="spawn")
     failures = []
     while not errors.empty():
         failures.append(errors.get())
