@@ -44,7 +44,6 @@ EXTRA_HINT = "pip install 'flexkern[flexolmo]'"
 DOMAIN_NAMES = ("code", "legal", "literature", "scripture", "math", "encyclopedia")  # = data.DOMAINS
 SOURCE_HELP = f"a domain ({', '.join(DOMAIN_NAMES)}) or a folder of text files"
 OVERWRITE_HELP = "replace OUT if it is a flexkern {kind} folder; never anything else"
-DEMO_MARKER = "demo_config.json"  # what makes a folder a demo run folder (written by demo.run_demo)
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -190,12 +189,8 @@ def _atomic(a) -> str:
 
 
 def _demo_check(a) -> None:
+    # run_demo itself refuses, before any work, an OUT that is not a demo run folder
     _check_device(a.device)
-    out = Path(a.out)
-    if out.is_symlink() or out.exists() and not (out.is_dir() and (
-            not any(out.iterdir()) or (out / DEMO_MARKER).is_file())):
-        raise ValueError(f"--out {out} exists and is not a flexkern demo folder (no {DEMO_MARKER}); "
-                         "it is left alone: choose another --out")
 
 
 def _demo_run(a) -> int:
@@ -377,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                  interrupted=lambda a: f"the finished steps in {a.out} are kept; rerun the same command to continue")
     p.add_argument("--out", default="runs/demo", help="run folder")
     p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
-                   help=f"start over: replace OUT if it is a flexkern demo folder (it holds {DEMO_MARKER}); "
-                        "never anything else")
+                   help="start over: delete what an earlier demo run wrote in OUT (a flexkern demo run "
+                        "folder); never anything else")
     p.add_argument("--preset", default=DEMO.preset, choices=PRESET_NAMES, help="model preset")
     p.add_argument("--anchor-steps", type=POS_INT, default=DEMO.anchor_steps,
                    help="optimizer steps of the public model")
@@ -432,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--data", nargs="+", default=None, help=f"each {SOURCE_HELP} (default: all six domains)")
     p.add_argument("--opt-out", action="append", default=[], metavar="NAME",
-                   help="mask this expert at inference and show the loss without it (repeatable)")
+                   help="mask this expert at inference and show the loss without it (repeatable; default: none)")
     p.add_argument("--top-k", type=POS_INT, default=None, help="active experts per token (default: the model's)")
     p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes,
                    help="bytes per domain; must match the training's for the same held-out split")
@@ -462,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="merged model directory")
     _add_out(p, "merged", "tuned model directory to write")
     p.add_argument("--owner", action="append", default=[], metavar="NAME=SOURCE",
-                   help="an owner's data, used on its side to pick its proxy documents (repeatable)")
+                   help="an owner's data, used on its side to pick its proxy documents (repeatable; default: none)")
     p.add_argument("--public", nargs="+", default=None,
                    help=f"public data, each {SOURCE_HELP} (default: encyclopedia literature)")
     p.add_argument("--proxy-docs", type=POS_INT, default=DEMO.rt_proxy_docs, help="public documents per owner")
@@ -529,7 +524,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exception(exc)
         if sys.stderr.isatty():
             print(file=sys.stderr)  # end a progress bar's line
-        _say(f"interrupted; {a.interrupted(a)}")
+        # training raises a KeyboardInterrupt whose text says which checkpoint it kept (train.py)
+        _say(str(exc) or f"interrupted; {a.interrupted(a)}")
         return 130
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in PIPELINE_MODULES:
