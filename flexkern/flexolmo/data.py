@@ -28,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -336,3 +337,72 @@ def split_documents(docs: list[str], heldout_fraction: float = 0.1, seed: int = 
     ranked = sorted(range(n), key=lambda i: (_hash_key(seed, docs[i]), i))
     held = set(ranked[:n_held])
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+# ---- the demo's data layout: public mix, owners' closed sets, held-out sets ----------------------
+PUBLIC_SHARE = 0.08  # of every owner domain's training documents, moved into the public mix
+_SHARE_SALT = "public-share"
+
+
+@dataclass(frozen=True)
+class Corpora:
+    """Documents of the example set-up, split once so that every set is disjoint by document.
+
+    public:       {source: documents} of the public mix: every public domain's training split and
+                  a ``public_share`` of every owner domain's training split (the paper's public
+                  mix is broad web text that holds some code, math, legal and religious text).
+    owners:       {owner domain: its closed documents} = its training split minus the share.
+    heldout:      {domain: held-out documents} (``split_documents``; the same split that
+                  ``evaluate`` uses), for every domain; no held-out document is in any other set.
+    """
+    public: dict[str, list[str]]
+    owners: dict[str, list[str]]
+    heldout: dict[str, list[str]]
+
+    def public_docs(self) -> list[str]:
+        """The public mix as one list (public domains first, then the owner shares)."""
+        return [d for docs in self.public.values() for d in docs]
+
+
+def public_share_split(train_docs: list[str], share: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(closed, shared): the ``share`` of ``train_docs`` (by a seeded content hash) that goes public.
+
+    At least one document is shared when share > 0 and there are two or more documents.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"public share must be in [0, 1), got {share!r}")
+    n = len(train_docs)
+    k = int(round(share * n))
+    if share > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    ranked = sorted(range(n), key=lambda i: (_hash_key(_SHARE_SALT, seed, train_docs[i]), i))
+    shared = set(ranked[:k])
+    return ([d for i, d in enumerate(train_docs) if i not in shared],
+            [d for i, d in enumerate(train_docs) if i in shared])
+
+
+def domain_split(source: str, max_bytes: int | None = None, heldout_fraction: float = 0.1,
+                 seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, held-out) documents of a source, duplicates (identical text) kept once."""
+    return split_documents(list(dict.fromkeys(load_documents(source, max_bytes))), heldout_fraction, seed)
+
+
+def build_corpora(max_bytes: int | None = None, public_share: float = PUBLIC_SHARE,
+                  public_domains=PUBLIC_DOMAINS, owner_domains=OWNER_DOMAINS,
+                  heldout_fraction: float = 0.1, seed: int = 0) -> Corpora:
+    """Load every domain once and split it into public mix / closed owner sets / held-out sets.
+
+    A document that occurs twice in a domain (identical text) is kept once, so disjointness by
+    document also holds by content.
+    """
+    public, owners, heldout = {}, {}, {}
+    for src in tuple(public_domains) + tuple(owner_domains):
+        train, held = domain_split(src, max_bytes, heldout_fraction, seed)
+        heldout[src] = held
+        if src in public_domains:
+            public[src] = train
+        else:
+            owners[src], shared = public_share_split(train, public_share, seed)
+            if shared:
+                public[src] = shared
+    return Corpora(public=public, owners=owners, heldout=heldout)
