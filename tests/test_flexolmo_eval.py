@@ -11,7 +11,7 @@ from flexkern.flexolmo.baselines import BTMEnsemble, btm_weights, expert_submode
 from flexkern.flexolmo.evaluate import average_loss, domain_losses, perplexities, stream_windows
 from flexkern.flexolmo.model import PRESETS, FlexOlmoLM, lm_loss
 from flexkern.flexolmo.report import write_report
-from flexkern.flexolmo.router_tuning import select_proxy_documents, tune_router
+from flexkern.flexolmo.router_tuning import tune_router
 
 CFG = PRESETS["micro"]
 
@@ -159,14 +159,6 @@ def test_tune_router_changes_only_router_tensors():
         elif ".router.bias" not in k:
             assert torch.equal(v, after[k]), k
     assert merged.moe_layers()[0].top_k == 1 and bool(merged.moe_layers()[0].expert_frozen[0])
-
-
-def test_select_proxy_documents_picks_nearest():
-    docs = ["a", "b", "c", "d"]
-    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [-1.0, 0.0]])
-    assert select_proxy_documents(docs, emb, torch.tensor([1.0, 0.0]), 2) == ["a", "c"]
-    with pytest.raises(ValueError):
-        select_proxy_documents(docs, emb[:3], torch.tensor([1.0, 0.0]), 2)
 
 
 def test_report_renders(tmp_path):

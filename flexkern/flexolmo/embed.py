@@ -103,15 +103,18 @@ def _torch_threads(n: int):
 
 
 @torch.no_grad()
-def minilm_embed(texts: list[str], batch_size: int = 32, num_threads: int = 1) -> torch.Tensor:
-    """all-MiniLM-L6-v2 sentence embeddings: (N, 384) float32, unit L2 norm."""
+def minilm_embed(texts: list[str], batch_size: int = 32, num_threads: int = 1,
+                 max_tokens: int = MINILM_MAX_TOKENS) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings: (N, 384) float32, unit L2 norm.
+
+    ``max_tokens`` (<= 256) truncates each text further (the last kept token is not [SEP] then)."""
     cfg, w, tok = _load_minilm()
     out = []
     with _torch_threads(num_threads):
         for s in range(0, len(texts), batch_size):
             encs = tok.encode_batch(list(texts[s:s + batch_size]))
-            ids_BS = torch.tensor([e.ids for e in encs], dtype=torch.long)
-            mask_BS = torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)
+            ids_BS = torch.tensor([e.ids for e in encs], dtype=torch.long)[:, :max_tokens]
+            mask_BS = torch.tensor([e.attention_mask for e in encs], dtype=torch.bool)[:, :max_tokens]
             h_BSD = _bert_encode(ids_BS, mask_BS, cfg, w)
             m = mask_BS[..., None].float()
             out.append(F.normalize((h_BSD * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))

@@ -1,58 +1,106 @@
-"""Optional router tuning (FlexOlmo "RT"): only the router rows and biases train, all experts active.
+"""Router tuning (FlexOlmo "RT"): only the router rows (r_pub included) and biases train, on proxy
+sets and public data, every expert active; the one implementation behind ``flexkern tune-router``
+and ``flexkern demo``.
 
-Each owner contributes a small *proxy set*: the public documents closest to its domain embedding
-(the paper trains a classifier for this; cosine similarity to the mean domain embedding is the
-dependency-free stand-in). Tuning then runs a few steps of cross-entropy + router z-loss on the
-proxy sets plus a slice of public data, sampled uniformly, with every expert active (top_k = n),
-so no owner data is needed after the merge.
+    proxy sets       per owner, the public documents an owner-vs-public classifier scores highest
+                     (``proxy.select_proxy_set``), at most ``proxy_fraction`` of the owner's data;
+                     the classifier is fitted on the owner's side, only the chosen public documents
+                     leave it
+    tuning data      {owner: its proxy set, "public": a seeded sample of public documents}; each step
+                     draws every window from a uniformly chosen stream (so the proxy sets and the
+                     public data weigh the same)
+    tuning           cross-entropy + router z-loss, top_k = n (all experts active), AdamW; the
+                     model's own top_k is restored afterwards (it is evaluated at the merged k)
+
+No owner data is needed after the merge except for picking the proxy sets.
 """
 from __future__ import annotations
 
 import random
+from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .embed import domain_embedding, embed_texts, sample_documents
+from .embed import embed_texts, minilm_available, minilm_embed, sample_documents
 from .model import FlexOlmoLM, lm_loss
+from .proxy import select_proxy_set
 from .tokenizer import encode_documents
 
 Z_LOSS_WEIGHT = 1e-3
 
 
-def select_proxy_documents(candidates: list[str], candidate_emb_ND: torch.Tensor, domain_emb_D: torch.Tensor,
-                           num_docs: int) -> list[str]:
-    """The ``num_docs`` candidates whose embeddings have the highest cosine to ``domain_emb_D``."""
-    if candidate_emb_ND.shape[0] != len(candidates):
-        raise ValueError(f"{len(candidates)} candidates but {candidate_emb_ND.shape[0]} embeddings")
-    if candidate_emb_ND.shape[-1] != domain_emb_D.shape[-1]:
-        raise ValueError(f"embedding widths differ: {candidate_emb_ND.shape[-1]} vs {domain_emb_D.shape[-1]}")
-    if num_docs < 1:
-        raise ValueError(f"num_docs must be positive, got {num_docs}")
-    cos_N = F.normalize(candidate_emb_ND.float(), dim=-1) @ F.normalize(domain_emb_D.float(), dim=0)
-    top = torch.topk(cos_N, min(num_docs, len(candidates))).indices.sort().values
-    return [candidates[i] for i in top.tolist()]
+@dataclass
+class RouterTuningConfig:
+    steps: int = 20
+    lr: float = 2e-3
+    batch_size: int = 8
+    seq_len: int | None = None     # default: the model's
+    proxy_fraction: float = 0.01   # a proxy set holds at most this share of its owner's bytes
+    public_docs: int = 32          # public documents sampled beside the proxy sets
+    owner_embed_docs: int = 32     # owner documents embedded for its classifier
+    embed_max_tokens: int = 128    # tokens per document the classifier sees
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _classifier_embeddings(texts: list[str], cfg: RouterTuningConfig, fallback_model=None, tokenizer=None):
+    """Features for the proxy classifier: MiniLM when installed, else the public model's hidden states."""
+    if minilm_available():
+        return minilm_embed(texts, max_tokens=cfg.embed_max_tokens)
+    return embed_texts(texts, "anchor", fallback_model, tokenizer)
+
+
+def tuning_streams(tokenizer, public: list[str], owners: dict[str, list[str]], cfg: RouterTuningConfig,
+                   embedder=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Token streams {owner: its proxy set, "public": a public sample} and what was chosen.
+
+    ``embedder``: a dense model for the classifier's features when MiniLM is not installed (the
+    public model; ``baselines.expert_submodel(merged, [0])`` is exactly it).
+    Returns (streams, info) with info[owner] = {"proxy_docs", "proxy_bytes", "budget_bytes",
+    "classifier_train_accuracy", "proxy_indices"} (indices into ``public``).
+    """
+    from .proxy import proxy_budget
+
+    if not public:
+        raise ValueError("router tuning needs public documents")
+    public_emb = _classifier_embeddings(public, cfg, embedder, tokenizer)
+    streams, info = {}, {}
+    for name, docs in owners.items():
+        if not docs:
+            raise ValueError(f"owner {name!r} has no documents")
+        own_emb = _classifier_embeddings(sample_documents(docs, cfg.owner_embed_docs, cfg.seed), cfg,
+                                         embedder, tokenizer)
+        ps = select_proxy_set(own_emb, public_emb, public, docs, cfg.proxy_fraction)
+        chosen = [public[i] for i in ps.indices]
+        streams[name] = encode_documents(tokenizer, chosen)
+        info[name] = {"proxy_docs": len(chosen), "proxy_bytes": sum(len(d.encode()) for d in chosen),
+                      "budget_bytes": proxy_budget(docs, cfg.proxy_fraction),
+                      "classifier_train_accuracy": ps.train_accuracy, "proxy_indices": ps.indices}
+    streams["public"] = encode_documents(tokenizer, sample_documents(public, cfg.public_docs, cfg.seed + 1))
+    return streams, info
+
+
+def run_router_tuning(model: FlexOlmoLM, tokenizer, public: list[str], owners: dict[str, list[str]],
+                      cfg: RouterTuningConfig | None = None, embedder=None, progress: bool = True) -> dict:
+    """Pick the proxy sets and tune ``model``'s router in place. Returns {"losses", "proxy", "config"}."""
+    cfg = cfg or RouterTuningConfig()
+    names = set(owners)
+    if embedder is None and not minilm_available():
+        from .baselines import expert_submodel
+        embedder = expert_submodel(model, [0])
+    streams, info = tuning_streams(tokenizer, public, owners, cfg, embedder)
+    assert names <= set(streams)
+    losses = tune_router(model, streams, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                         lr=cfg.lr, seed=cfg.seed, progress=progress)
+    return {"losses": losses, "proxy": info, "config": cfg.to_dict()}
 
 
 def proxy_streams(tokenizer, public: list[str], owners: dict[str, list[str]], proxy_docs: int = 4,
-                  public_docs: int = 16, candidates: int = 96, embed_docs: int = 48, method: str = "minilm",
-                  model=None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Token streams for router tuning: {owner: its proxy set, "public": a public sample}.
-
-    A seeded sample of ``candidates`` public documents is embedded once; each owner's proxy set is
-    the ``proxy_docs`` of them closest to the mean embedding of ``embed_docs`` of its documents
-    (computed on the owner's side; only the chosen public documents leave it).
-    """
-    if not public:
-        raise ValueError("router tuning needs public documents")
-    pool = sample_documents(public, candidates, seed)
-    pool_emb = embed_texts(pool, method, model, tokenizer)
-    out = {}
-    for name, docs in owners.items():
-        dom = domain_embedding(docs, method, model, tokenizer, num_docs=embed_docs, seed=seed)
-        out[name] = encode_documents(tokenizer, select_proxy_documents(pool, pool_emb, dom, proxy_docs))
-    out["public"] = encode_documents(tokenizer, sample_documents(public, public_docs, seed + 1))
-    return out
+                  public_docs: int = 16, **_ignored) -> dict[str, torch.Tensor]:
+    """Compatibility wrapper of ``tuning_streams`` (classifier-based proxy sets; proxy_docs is unused)."""
+    return tuning_streams(tokenizer, public, owners, RouterTuningConfig(public_docs=public_docs))[0]
 
 
 def _router_params(model: FlexOlmoLM) -> list[torch.nn.Parameter]:
