@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import load_documents, split_documents
+from .data import domain_split
 from .tokenizer import encode_documents
 
 
@@ -79,6 +79,6 @@ def heldout_streams(tokenizer, sources, max_bytes: int | None = None, heldout_fr
     """{source: token stream of its held-out documents} with the split used for training."""
     out = {}
     for src in sources:
-        _, held = split_documents(load_documents(src, max_bytes), heldout_fraction, seed)
+        _, held = domain_split(src, max_bytes, heldout_fraction, seed)
         out[str(src)] = encode_documents(tokenizer, held)
     return out
