@@ -1,0 +1,69 @@
+"""Per-token attribution and generation (with opt-out) on a micro model."""
+import pytest
+import torch
+
+from flexkern.flexolmo.attribution import attribute, routing_weights, expert_outputs, write_heatmap, write_html
+from flexkern.flexolmo.generate import generate_ids
+from flexkern.flexolmo.model import PRESETS, FlexOlmoLM
+
+CFG = PRESETS["micro"]
+
+
+@torch.no_grad()
+def _merged(E=4, k=2):
+    torch.manual_seed(torch.seed() % 2**31)
+    m = FlexOlmoLM(CFG.with_experts(E, k)).eval()
+    for moe in m.moe_layers():
+        moe.router.weight.normal_(0, 1.0)
+        moe.router.bias.uniform_(-0.5, 0)
+        for p in (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj):
+            p.normal_(0, 0.2)
+    return m
+
+
+def test_routing_weights_reproduce_the_layer_output():
+    model = _merged()
+    moe = model.moe_layers()[0]
+    x = torch.randn(10, CFG.d_model)
+    w = routing_weights(moe, x)
+    assert ((w > 0).sum(-1) == moe.top_k).all()
+    y = sum(w[:, e:e + 1] * o for e, o in expert_outputs(moe, x, range(moe.num_experts)).items())
+    torch.testing.assert_close(y, moe(x), atol=1e-5, rtol=1e-4)
+
+
+def test_shares_sum_to_one_per_token_and_opt_out_is_zero(tmp_path):
+    model = _merged()
+    ids = torch.randint(0, CFG.vocab_size, (CFG.seq_len,))
+    sh = attribute(model, ids)
+    assert sh.shape == (CFG.seq_len, 4) and (sh >= 0).all()
+    torch.testing.assert_close(sh.sum(-1), torch.ones(CFG.seq_len))
+    assert (sh[:, 2] > 0).any()
+    model.set_expert_mask(torch.tensor([True, True, False, True]))
+    sh2 = attribute(model, ids)
+    assert torch.equal(sh2[:, 2], torch.zeros(CFG.seq_len))
+    torch.testing.assert_close(sh2.sum(-1), torch.ones(CFG.seq_len))
+    toks = [f"t{i}" for i in range(CFG.seq_len)]
+    names = ["public", "a", "b", "c"]
+    assert "a 0." in write_html(toks, sh, names, tmp_path / "x.html").read_text()
+    assert write_heatmap(toks, sh, names, tmp_path / "x.png").stat().st_size > 1000
+    with pytest.raises(ValueError):
+        attribute(FlexOlmoLM(CFG), ids)
+
+
+def test_generation_with_opt_out_equals_the_model_without_the_expert():
+    model = _merged()
+    prompt = torch.randint(0, CFG.vocab_size, (5,)).tolist()
+    full = generate_ids(model, prompt, 12)
+    assert full[:5] == prompt and len(full) == 17
+    assert generate_ids(model, prompt, 12) == full  # greedy is deterministic
+    model.set_expert_mask(torch.tensor([True, False, True, True]))
+    masked = generate_ids(model, prompt, 12)
+    removed = _merged()
+    removed.load_state_dict(model.state_dict())
+    for m in removed.moe_layers():
+        m.remove_expert(1)
+    assert generate_ids(removed, prompt, 12) == masked
+    s1 = generate_ids(model, prompt, 12, method="top-p", top_p=0.8, seed=3)
+    assert s1 == generate_ids(model, prompt, 12, method="top-p", top_p=0.8, seed=3)
+    with pytest.raises(ValueError):
+        generate_ids(model, prompt, 3, method="beam")
