@@ -9,6 +9,10 @@ A package only fits when its anchor fingerprint, dense config and public router 
 anchor's; names must be unique, and the same expert cannot be merged twice. Anything else raises
 ``MergeError`` naming the package and the problem.
 
+Every writer here (merge, opt_out, opt_in) takes ``overwrite=False``: the output must be a new
+path or an empty folder, or, with ``overwrite=True``, an existing flexkern merged model; an output
+equal to, inside or containing an input is refused before any work (checkpoint.py's rules).
+
 Opt-out two ways, with the same outputs: ``mask_experts`` (inference-time mask; the softmax skips
 the expert) or ``opt_out`` (a new checkpoint without the expert's weights).
 """
@@ -18,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointError, TOKENIZER_FILE, read_model_dir, read_public_embedding,
-                         write_model_dir)
+from .checkpoint import (CheckpointError, TOKENIZER_FILE, claim_output, file_sha256, read_model_dir,
+                         read_public_embedding, write_model_dir)
 from .model import FlexOlmoLM, ModelConfig, anchor_fingerprint, shared_state_dict, tensor_sha256
 from .package import PARTS, PackageError, check_name, load_package
+
+KIND = "merged"
 
 PUBLIC = "public"
 
@@ -93,18 +99,46 @@ def load_model(model_dir, device="cpu") -> tuple[FlexOlmoLM, list[str]]:
 def _load(model_dir, device="cpu") -> tuple[FlexOlmoLM, list[str], dict]:
     model, info = read_model_dir(model_dir, device)
     if model.moe_layers():
-        if info is None:
-            raise CheckpointError(f"{model_dir}: MoE checkpoint without experts.json")
-        names = list(info["experts"])
-        if len(names) != model.config.num_experts:
-            raise CheckpointError(f"{model_dir}: experts.json names {len(names)} experts, "
-                                  f"the model has {model.config.num_experts}")
+        names = _check_experts_json(Path(model_dir) / "experts.json", info, model)
     else:
         names, info = [PUBLIC], {}
     return model.eval(), names, info
 
 
-def _check_package(path, tensors, manifest, anchor_fp: str, dense_cfg: ModelConfig, public_sha: str) -> None:
+def _check_experts_json(path: Path, info, model: FlexOlmoLM) -> list[str]:
+    """experts.json of a merged model: {"experts": ["public", names...], "anchor_fingerprint", "packages"}."""
+    if info is None:
+        raise CheckpointError(f"{path.parent}: MoE checkpoint without experts.json")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    names = info.get("experts")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: field 'experts' must be a list of expert names, got {names!r:.80}")
+    if len(names) != model.config.num_experts:
+        raise CheckpointError(f"{path}: field 'experts' names {len(names)} experts, "
+                              f"the model has {model.config.num_experts}")
+    if names[0] != PUBLIC or len(set(names)) != len(names):
+        raise CheckpointError(f"{path}: field 'experts' must start with {PUBLIC!r} and name each expert once")
+    for n in names[1:]:
+        try:
+            check_name(n)
+        except PackageError as exc:
+            raise CheckpointError(f"{path}: field 'experts': {exc}") from None
+    fp = info.get("anchor_fingerprint")
+    if fp is not None and fp != anchor_fingerprint(model):
+        raise CheckpointError(f"{path}: field 'anchor_fingerprint' does not match the model's shared weights")
+    if not isinstance(info.get("packages", {}), dict):
+        raise CheckpointError(f"{path}: field 'packages' must be an object")
+    return list(names)
+
+
+def _tokenizer_sha(model_dir) -> str:
+    """sha256 of a model directory's tokenizer.json (read_model_dir verified it against the record)."""
+    return file_sha256(Path(model_dir) / TOKENIZER_FILE)
+
+
+def _check_package(path, tensors, manifest, anchor_fp: str, dense_cfg: ModelConfig, public_sha: str,
+                   tokenizer_sha: str | None = None) -> None:
     name = manifest["name"]
     if manifest.get("anchor_fingerprint") != anchor_fp:
         raise MergeError(f"package {name!r} ({path}) was trained from a different anchor: its anchor "
@@ -115,16 +149,20 @@ def _check_package(path, tensors, manifest, anchor_fp: str, dense_cfg: ModelConf
     if manifest.get("public_row_sha256") != public_sha:
         raise MergeError(f"package {name!r} ({path}) was trained against a different public router row "
                          "(public_embedding.safetensors differs)")
+    pkg_tok = manifest.get("tokenizer_sha256")
+    if pkg_tok is not None and tokenizer_sha is not None and pkg_tok != tokenizer_sha:
+        raise MergeError(f"package {name!r} ({path}) was trained with another tokenizer than the model's "
+                         f"{TOKENIZER_FILE} (sha256 {pkg_tok[:12]}... != {tokenizer_sha[:12]}...)")
 
 
-def _read_packages(paths, anchor_fp, dense_cfg, public_sha, taken_names, taken_hashes):
+def _read_packages(paths, anchor_fp, dense_cfg, public_sha, taken_names, taken_hashes, tokenizer_sha=None):
     out = []
     for path in paths:
         try:
             tensors, manifest = load_package(path)
         except PackageError as exc:
             raise MergeError(f"cannot merge: {exc}") from None
-        _check_package(path, tensors, manifest, anchor_fp, dense_cfg, public_sha)
+        _check_package(path, tensors, manifest, anchor_fp, dense_cfg, public_sha, tokenizer_sha)
         name = manifest["name"]
         if name in taken_names:
             raise MergeError(f"duplicate expert name {name!r} ({path}); each expert is merged once")
@@ -147,68 +185,78 @@ def _summary(manifest) -> dict:
     return {k: manifest.get(k) for k in ("name", "source", "tokens_seen", "steps", "embed_method")}
 
 
-def merge(anchor_dir, package_paths, out_dir, top_k: int | None = None) -> Path:
+def merge(anchor_dir, package_paths, out_dir, top_k: int | None = None, *, overwrite: bool = False) -> Path:
     """Write the merged model (anchor + packages) to ``out_dir``; top_k defaults to min(2, n+1)."""
+    if isinstance(package_paths, (str, Path)):
+        package_paths = [package_paths]
     package_paths = [Path(p) for p in package_paths]
     if not package_paths:
         raise MergeError("merge needs at least one expert package")
-    anchor, names = load_model(anchor_dir)
-    if anchor.moe_layers():
-        raise MergeError(f"{anchor_dir} is already a merged model; use opt_in to add packages")
-    fp = anchor_fingerprint(anchor)
-    public_row, method, public_sha = _public_sha(anchor_dir)
-    pkgs = _read_packages(package_paths, fp, anchor.config, public_sha, set(), {})
-    E = len(pkgs) + 1
-    top_k = min(2, E) if top_k is None else top_k
-    if not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise MergeError(f"top_k must be an int in [1, {E}], got {top_k!r}")
-    experts = [dense_expert_tensors(anchor, public_row)] + [t for _, t, _ in pkgs]
-    model = assemble(anchor, experts, top_k)
-    info = {"experts": [PUBLIC] + [n for n, _, _ in pkgs], "anchor_fingerprint": fp,
-            "packages": {n: _summary(m) for n, _, m in pkgs}}
-    return write_model_dir(out_dir, model, Path(anchor_dir) / TOKENIZER_FILE, public_row, method, info)
+    inputs = [anchor_dir, *package_paths]
+    with claim_output(out_dir, KIND, overwrite=overwrite, inputs=inputs):
+        anchor, names = load_model(anchor_dir)
+        if anchor.moe_layers():
+            raise MergeError(f"{anchor_dir} is already a merged model; use opt_in to add packages")
+        fp = anchor_fingerprint(anchor)
+        public_row, method, public_sha = _public_sha(anchor_dir)
+        pkgs = _read_packages(package_paths, fp, anchor.config, public_sha, set(), {}, _tokenizer_sha(anchor_dir))
+        E = len(pkgs) + 1
+        top_k = min(2, E) if top_k is None else top_k
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
+            raise MergeError(f"top_k must be an int in [1, {E}], got {top_k!r}")
+        experts = [dense_expert_tensors(anchor, public_row)] + [t for _, t, _ in pkgs]
+        model = assemble(anchor, experts, top_k)
+        info = {"experts": [PUBLIC] + [n for n, _, _ in pkgs], "anchor_fingerprint": fp,
+                "packages": {n: _summary(m) for n, _, m in pkgs}}
+        return write_model_dir(out_dir, model, Path(anchor_dir) / TOKENIZER_FILE, public_row, method, info,
+                               overwrite=overwrite, inputs=inputs)
 
 
-def opt_out(model_dir, name: str, out_dir) -> Path:
+def opt_out(model_dir, name: str, out_dir, *, overwrite: bool = False) -> Path:
     """Write a copy of a merged model without expert ``name`` (its weights are gone from the file)."""
-    model, names, info = _load(model_dir)
-    if not model.moe_layers():
-        raise MergeError(f"{model_dir} is a dense model; there is no expert to opt out")
-    if name == PUBLIC:
-        raise MergeError("the public expert cannot be opted out")
-    if name not in names:
-        raise MergeError(f"no expert named {name!r} in {model_dir}; experts: {names}")
-    index = names.index(name)
-    E = len(names) - 1
-    model.set_top_k(min(model.config.top_k, E))
-    for m in model.moe_layers():
-        m.remove_expert(index)
-    model.config = model.config.with_experts(E, model.config.top_k)
-    info = dict(info, experts=[n for n in names if n != name])
-    info["packages"] = {k: v for k, v in info.get("packages", {}).items() if k != name}
-    public_row, method, _ = _public_sha(model_dir)
-    return write_model_dir(out_dir, model, Path(model_dir) / TOKENIZER_FILE, public_row, method, info)
+    with claim_output(out_dir, KIND, overwrite=overwrite, inputs=[model_dir]):
+        model, names, info = _load(model_dir)
+        if not model.moe_layers():
+            raise MergeError(f"{model_dir} is a dense model; there is no expert to opt out")
+        if name == PUBLIC:
+            raise MergeError("the public expert cannot be opted out")
+        if name not in names:
+            raise MergeError(f"no expert named {name!r} in {model_dir}; experts: {names}")
+        index = names.index(name)
+        E = len(names) - 1
+        model.set_top_k(min(model.config.top_k, E))
+        for m in model.moe_layers():
+            m.remove_expert(index)
+        model.config = model.config.with_experts(E, model.config.top_k)
+        info = dict(info, experts=[n for n in names if n != name])
+        info["packages"] = {k: v for k, v in info.get("packages", {}).items() if k != name}
+        public_row, method, _ = _public_sha(model_dir)
+        return write_model_dir(out_dir, model, Path(model_dir) / TOKENIZER_FILE, public_row, method, info,
+                               overwrite=overwrite, inputs=[model_dir])
 
 
-def opt_in(model_dir, package_path, out_dir) -> Path:
+def opt_in(model_dir, package_path, out_dir, *, overwrite: bool = False) -> Path:
     """Write a copy of a merged (or dense anchor) model with one more expert from a package."""
-    model, names, info = _load(model_dir)
-    if not model.moe_layers():
-        return merge(model_dir, [package_path], out_dir)
-    fp = anchor_fingerprint(model)
-    public_row, method, public_sha = _public_sha(model_dir)
-    taken = {}
-    for e in range(1, len(names)):  # existing experts, to refuse merging one twice
-        t = expert_tensors(model, e)
-        taken[tuple(sorted((k, tensor_sha256(v)) for k, v in t.items()))] = names[e]
-    [(name, tensors, manifest)] = _read_packages([Path(package_path)], fp, model.config.dense(), public_sha,
-                                                  set(names), taken)
-    for i, m in enumerate(model.moe_layers()):
-        m.add_expert(*(tensors[f"layers.{i}.{p}"] for p in PARTS))
-    model.config = model.config.with_experts(len(names) + 1, model.config.top_k)
-    info = dict(info, experts=names + [name])
-    info["packages"] = dict(info.get("packages", {}), **{name: _summary(manifest)})
-    return write_model_dir(out_dir, model, Path(model_dir) / TOKENIZER_FILE, public_row, method, info)
+    inputs = [model_dir, package_path]
+    with claim_output(out_dir, KIND, overwrite=overwrite, inputs=inputs):
+        model, names, info = _load(model_dir)
+        if not model.moe_layers():
+            return merge(model_dir, [package_path], out_dir, overwrite=overwrite)
+        fp = anchor_fingerprint(model)
+        public_row, method, public_sha = _public_sha(model_dir)
+        taken = {}
+        for e in range(1, len(names)):  # existing experts, to refuse merging one twice
+            t = expert_tensors(model, e)
+            taken[tuple(sorted((k, tensor_sha256(v)) for k, v in t.items()))] = names[e]
+        [(name, tensors, manifest)] = _read_packages([Path(package_path)], fp, model.config.dense(), public_sha,
+                                                      set(names), taken, _tokenizer_sha(model_dir))
+        for i, m in enumerate(model.moe_layers()):
+            m.add_expert(*(tensors[f"layers.{i}.{p}"] for p in PARTS))
+        model.config = model.config.with_experts(len(names) + 1, model.config.top_k)
+        info = dict(info, experts=names + [name])
+        info["packages"] = dict(info.get("packages", {}), **{name: _summary(manifest)})
+        return write_model_dir(out_dir, model, Path(model_dir) / TOKENIZER_FILE, public_row, method, info,
+                               overwrite=overwrite, inputs=inputs)
 
 
 def mask_experts(model: FlexOlmoLM, names_to_mask, expert_names: list[str]) -> torch.Tensor:

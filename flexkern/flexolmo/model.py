@@ -27,6 +27,13 @@ from torch import nn
 from ..nn import FlexMoE
 
 
+# Upper bounds for every size field: a config read from a file (manifest.json, config.json) is
+# checked against them before anything is allocated, so a forged file cannot ask for terabytes.
+CONFIG_LIMITS = {"vocab_size": 1 << 21, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024,
+                 "d_ff": 1 << 18, "seq_len": 1 << 20, "num_experts": 1024}
+MAX_PARAMETERS = 1 << 34  # 17e9 parameters (68 GB in float32)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 8192
@@ -41,26 +48,45 @@ class ModelConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "num_experts", "top_k"):
+            v, lo = getattr(self, name), 0 if name == "num_experts" else 1
+            hi = CONFIG_LIMITS.get(name, CONFIG_LIMITS["num_experts"])
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"ModelConfig.{name} must be an int in [{lo}, {hi}], got {v!r}")
+        for name, hi in (("rope_theta", 1e12), ("norm_eps", 1.0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < hi:  # NaN fails too
+                raise ValueError(f"ModelConfig.{name} must be a number in (0, {hi:g}), got {v!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even width")
-        if not isinstance(self.num_experts, int) or self.num_experts < 0:
-            raise ValueError(f"ModelConfig.num_experts must be an int >= 0, got {self.num_experts!r}")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.num_parameters() > MAX_PARAMETERS:
+            raise ValueError(f"this ModelConfig has {self.num_parameters():.3g} parameters, more than the "
+                             f"{MAX_PARAMETERS:.3g} flexkern allows (a forged or mistyped config?)")
+
+    def num_parameters(self) -> int:
+        """Parameter count, computed from the sizes alone (nothing is allocated)."""
+        D, F, L, E = self.d_model, self.d_ff, self.n_layers, max(1, self.num_experts)
+        ffn = E * 3 * D * F + (E * D + E if self.num_experts else 0)
+        return 2 * self.vocab_size * D + L * (4 * D * D + 4 * D + ffn) + D
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict, *, require: tuple[str, ...] = ()) -> "ModelConfig":
+        """Build from a dict (e.g. a file's JSON); ``require`` lists fields that must be present
+        (files name every size field, so a missing one is an error, not the default)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a ModelConfig must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+            raise ValueError(f"unknown ModelConfig fields: {sorted(map(str, unknown))}")
+        missing = [k for k in require if k not in d]
+        if missing:
+            raise ValueError(f"missing ModelConfig fields: {missing}")
         return cls(**d)
 
     def dense(self) -> "ModelConfig":
@@ -79,6 +105,10 @@ PRESETS: dict[str, ModelConfig] = {
     # one GPU
     "small": ModelConfig(vocab_size=16384, d_model=384, n_layers=8, n_heads=6, d_ff=1536, seq_len=512),
 }
+
+
+# the fields a config file must name (the rest have defaults that every file so far agrees on)
+SIZE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "num_experts", "top_k")
 
 
 class RMSNorm(nn.Module):

@@ -13,6 +13,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from .checkpoint import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
+# verify_tokenizer encodes and decodes this; a byte-level BPE gives it back exactly
+PROBE = "The quick brown fox, 1234 ÄÖÜ ß é 中文 🙂\n\tdef f(x): return x  # end"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that does not load or does not behave like the pipeline's tokenizer."""
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 8192) -> Tokenizer:
@@ -43,12 +49,36 @@ def save_tokenizer(tok: Tokenizer, path) -> Path:
 
 
 def load_tokenizer(path) -> Tokenizer:
+    """Load a tokenizer.json (FileNotFoundError when missing, TokenizerError when broken)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own exception type for any parse error
+        raise TokenizerError(f"tokenizer {path} does not load: {str(exc)[:200]}") from None
     if tok.token_to_id(EOS_TOKEN) is None:
-        raise ValueError(f"tokenizer {path} has no {EOS_TOKEN!r} token")
+        raise TokenizerError(f"tokenizer {path} has no {EOS_TOKEN!r} token")
+    return tok
+
+
+def verify_tokenizer(path, vocab_size: int | None = None) -> Tokenizer:
+    """Load ``path`` and check it: EOS token, ``vocab_size`` entries (when given), and an exact
+    encode/decode round trip of a probe string. Raises TokenizerError naming the file."""
+    try:
+        tok = load_tokenizer(path)
+    except FileNotFoundError as exc:
+        raise TokenizerError(str(exc)) from None
+    if vocab_size is not None and tok.get_vocab_size() != vocab_size:
+        raise TokenizerError(f"tokenizer {path} has {tok.get_vocab_size()} entries, the model's "
+                             f"vocab_size is {vocab_size}")
+    try:
+        ids = tok.encode(PROBE, add_special_tokens=False).ids
+        back = tok.decode(ids)
+    except Exception as exc:
+        raise TokenizerError(f"tokenizer {path} cannot encode/decode: {str(exc)[:200]}") from None
+    if back != PROBE or any(not 0 <= i < tok.get_vocab_size() for i in ids):
+        raise TokenizerError(f"tokenizer {path} does not round-trip text (encode then decode changes it)")
     return tok
 
 

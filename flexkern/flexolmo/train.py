@@ -15,15 +15,31 @@ Each step takes a global batch of ``batch_size`` windows (seq_len + 1 tokens) ch
 permutation of the token stream, so the data order depends only on (seed, step): every rank reads
 its own slice of the batch, and a run resumed from a checkpoint sees the same batches as one that
 never stopped. Checkpoints (trainable tensors + optimizer state + step + RNG) are written
-atomically every ``checkpoint_every`` steps to ``<output>.ckpt/`` and deleted after success.
+atomically every ``checkpoint_every`` steps (anchor and expert alike) to ``<output>.ckpt/`` (a
+flexkern "checkpoint" artifact) and deleted after success; a rerun of the same command resumes
+from it and prints "resuming from step N of M (path)".
+
+Outputs follow checkpoint.py's rules: ``overwrite=False`` refuses an existing output before any
+training (``OutputError``; ``overwrite=True``, the CLI's ``--overwrite``, replaces a flexkern artifact
+of the same kind only), and the output's lock is held for the whole run, so a second run writing
+the same output gets ``OutputLockedError`` at once.
+
+Ctrl-C: the first SIGINT (single process, main thread) lets the current step finish, writes a
+checkpoint and raises ``TrainingInterrupted``; a second one stops at once (the last periodic
+checkpoint is kept). ``TrainingInterrupted`` is a KeyboardInterrupt with ``checkpoint`` (the
+checkpoint file, or None when none was written), ``step`` (steps it holds) and ``steps`` (the
+run's total); ``str(exc)`` is "stopped; kept checkpoint at X at step N of M; rerun the same command
+to resume". A command line catches it (before KeyboardInterrupt) and prints that line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
-import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -32,18 +48,21 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..nn import Z_LOSS_WEIGHT
 from . import distributed
-from .checkpoint import (TOKENIZER_FILE, CheckpointError, atomic_path, read_public_embedding,
+from .checkpoint import (TOKENIZER_FILE, CheckpointError, artifact_kind, atomic_path, check_output,
+                         claim_output, file_sha256, read_public_embedding, remove_artifact, write_marker,
                          write_model_dir)
 from .data import PUBLIC_DOMAINS, load_documents, split_documents
 from .embed import domain_embedding, minilm_available
 from .merge import assemble, dense_expert_tensors, expert_tensors, load_model
 from .model import PRESETS, FlexOlmoLM, ModelConfig, anchor_fingerprint, lm_loss, tensor_sha256
+from .package import KIND as PACKAGE_KIND
 from .package import check_name, package_path, save_package
 from .tokenizer import encode_documents, load_tokenizer, save_tokenizer, train_tokenizer
 
-Z_LOSS_WEIGHT = 1e-3
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_KIND = "checkpoint"
 # callback(step, loss, model) after every optimizer step; raising from it stops training
 Callback = Callable[[int, float, FlexOlmoLM], None]
 
@@ -127,10 +146,14 @@ def _load_checkpoint(path: Path, model, opt, meta: dict) -> int:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict) or not {"meta", "step", "rng", "trainable", "optimizer"} <= set(state):
+        raise CheckpointError(f"checkpoint {path} is not a flexkern training checkpoint")
     if state.get("meta") != meta:
+        old = state.get("meta") if isinstance(state.get("meta"), dict) else {}
+        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
         raise CheckpointError(
-            f"checkpoint {path} belongs to a different run ({state.get('meta')} != {meta}); "
-            "delete it or pass resume=False to start over")
+            f"checkpoint {path} was written by a run with other settings (differs in {diff}); rerun with "
+            "the same settings to resume, or pass --no-resume (resume=False) to discard it and start over")
     params = _trainable(model)
     if set(state["trainable"]) != set(params):
         raise CheckpointError(f"checkpoint {path} holds other trainable tensors than this model")
@@ -142,16 +165,57 @@ def _load_checkpoint(path: Path, model, opt, meta: dict) -> int:
     return int(state["step"])
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; ``checkpoint`` (Path or None), ``step``, ``steps`` say what was kept."""
+
+    def __init__(self, checkpoint: Path | None, step: int, steps: int):
+        self.checkpoint, self.step, self.steps = checkpoint, step, steps
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.checkpoint is None:
+            return "stopped; no checkpoint was written yet; rerun the same command to start again"
+        return (f"stopped; kept checkpoint at {self.checkpoint} at step {self.step} of {self.steps}; "
+                "rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def _graceful_sigint(enabled: bool):
+    """First Ctrl-C sets the returned flag (the loop stops after the step); a second one raises."""
+    flag = {"stop": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        print("\nflexkern: stopping after this step to write a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train_loop(model: FlexOlmoLM, opt: torch.optim.Optimizer, sampler: WindowSampler, sched: Schedule,
                info: distributed.DistInfo, ckpt_path: Path | None, meta: dict, checkpoint_every: int,
                resume: bool, log: bool, desc: str, callback: Callback | None = None,
                after_step: Callable[[], None] | None = None) -> dict:
-    """Run optimizer steps until ``sched.steps``; returns {"loss", "tokens_per_s", "resumed_from"}."""
+    """Run optimizer steps until ``sched.steps``; returns {"loss", "tokens_per_s", "resumed_from"}.
+
+    Raises TrainingInterrupted on Ctrl-C (module docstring)."""
     if sched.batch_size % info.world_size:
         raise ValueError(f"batch_size={sched.batch_size} must be divisible by the {info.world_size} ranks")
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     start = 0
     if resume and ckpt_path is not None and ckpt_path.exists():
         start = _load_checkpoint(ckpt_path, model, opt, meta)
+        if info.is_main:
+            print(f"{desc}: resuming from step {start} of {sched.steps} ({ckpt_path})", file=sys.stderr, flush=True)
     params = list(_trainable(model).values())
     net = model
     if info.enabled:
@@ -164,32 +228,43 @@ def train_loop(model: FlexOlmoLM, opt: torch.optim.Optimizer, sampler: WindowSam
         bar = tqdm(total=sched.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     tokens_per_step = sched.batch_size * sched.seq_len
     loss_val, t0, done = float("nan"), time.perf_counter(), 0
-    for step in range(start, sched.steps):
-        for g in opt.param_groups:
-            g["lr"] = sched.lr_at(step)
-        ids = sampler.batch(step, sched.batch_size, info.rank, info.world_size).to(info.device)
-        loss = lm_loss(net, ids)
-        total = loss + Z_LOSS_WEIGHT * model.router_z_loss()
-        total.backward()
-        if sched.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, sched.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
-        loss_val = distributed.mean_scalar(info, loss.detach())
-        done += 1
-        tok_s = done * tokens_per_step / (time.perf_counter() - t0)
+    saved = start if start else None  # the step the checkpoint on disk holds
+    can_save = ckpt_path is not None and info.is_main
+    try:
+        with _graceful_sigint(enabled=can_save and not info.enabled) as sigint:
+            for step in range(start, sched.steps):
+                for g in opt.param_groups:
+                    g["lr"] = sched.lr_at(step)
+                ids = sampler.batch(step, sched.batch_size, info.rank, info.world_size).to(info.device)
+                loss = lm_loss(net, ids)
+                total = loss + Z_LOSS_WEIGHT * model.router_z_loss()
+                total.backward()
+                if sched.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, sched.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step()
+                loss_val = distributed.mean_scalar(info, loss.detach())
+                done += 1
+                tok_s = done * tokens_per_step / (time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
+                if can_save and ((step + 1) % checkpoint_every == 0 or step + 1 == sched.steps or sigint["stop"]):
+                    _save_checkpoint(ckpt_path, step + 1, model, opt, meta)
+                    saved = step + 1
+                if sigint["stop"]:
+                    raise TrainingInterrupted(ckpt_path, saved, sched.steps)
+                if callback is not None:
+                    callback(step + 1, loss_val, model)
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(ckpt_path if saved else None, saved or 0, sched.steps) from None
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
-        if ckpt_path is not None and info.is_main and (
-                (step + 1) % checkpoint_every == 0 or step + 1 == sched.steps):
-            _save_checkpoint(ckpt_path, step + 1, model, opt, meta)
-        if callback is not None:
-            callback(step + 1, loss_val, model)
-    if bar is not None:
-        bar.close()
+            bar.close()
     elapsed = time.perf_counter() - t0
     return {"loss": loss_val, "tokens_per_s": done * tokens_per_step / elapsed if done else float("nan"),
             "resumed_from": start}
@@ -246,17 +321,44 @@ def _ckpt_dir(out: Path, ckpt_dir) -> Path:
     return Path(ckpt_dir) if ckpt_dir is not None else out.with_name(out.name + ".ckpt")
 
 
+def _check_ckpt(ckpt: Path, inputs) -> None:
+    """The checkpoint folder must be free, empty or a flexkern checkpoint (pure check)."""
+    if ckpt.exists() and artifact_kind(ckpt) == CHECKPOINT_KIND:
+        check_output(ckpt, CHECKPOINT_KIND, overwrite=True, inputs=inputs)
+    else:
+        check_output(ckpt, CHECKPOINT_KIND, inputs=inputs)
+
+
+def _prepare_ckpt(ckpt: Path, resume: bool, inputs) -> None:
+    """Create (or, with resume=False, restart) the checkpoint folder; caller holds the output's lock."""
+    _check_ckpt(ckpt, inputs)
+    if ckpt.exists() and not resume and remove_artifact(ckpt, CHECKPOINT_KIND):
+        print(f"flexkern: discarded the checkpoint {ckpt} (resume=False)", file=sys.stderr, flush=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    write_marker(ckpt, CHECKPOINT_KIND)
+
+
+def _path_inputs(*sources) -> list:
+    """The sources that are paths on disk (domain names are not)."""
+    out = []
+    for s in sources:
+        if isinstance(s, (str, Path)) and Path(s).exists():
+            out.append(Path(s))
+    return out
+
+
 # ---- anchor -------------------------------------------------------------------------------------------
 def train_anchor(out_dir, preset="tiny", data: Sequence = PUBLIC_DOMAINS, steps: int = 300,
                  batch_size: int = 8, lr: float = 3e-3, device="cpu", seed: int = 0,
                  embed_method: str = "minilm", *, seq_len: int | None = None, max_bytes: int | None = None,
                  heldout_fraction: float = 0.1, warmup_steps: int | None = None, weight_decay: float = 0.1,
-                 checkpoint_every: int = 100, resume: bool = True, ckpt_dir=None, log: bool = True,
-                 embed_docs: int = 256, callback: Callback | None = None) -> Path:
+                 checkpoint_every: int = 50, resume: bool = True, ckpt_dir=None, log: bool = True,
+                 embed_docs: int = 256, callback: Callback | None = None, overwrite: bool = False) -> Path:
     """Train the public model on ``data`` and write the anchor directory; returns its path.
 
     ``data``: domain names / folders, or lists of documents; ``max_bytes`` is per source.
     ``preset``: a name in PRESETS or a ModelConfig (num_experts must be 0).
+    ``overwrite``: replace an existing flexkern anchor at ``out_dir`` (else it is refused up front).
     """
     out_dir = Path(out_dir)
     cfg = _resolve_config(preset)
@@ -267,10 +369,18 @@ def train_anchor(out_dir, preset="tiny", data: Sequence = PUBLIC_DOMAINS, steps:
         raise ValueError(f"seq_len={seq_len} exceeds the preset's seq_len={cfg.seq_len}")
     if isinstance(data, (str, Path)):
         data = [data]
+    inputs = _path_inputs(*data)
+    ckpt = _ckpt_dir(out_dir, ckpt_dir)
+    check_output(out_dir, "anchor", overwrite=overwrite, inputs=inputs)  # before any work, on every rank
+    _check_ckpt(ckpt, inputs + [out_dir])
     info = distributed.setup(device)
+    held = contextlib.ExitStack()
     try:
+        if info.is_main:  # one writer per output: held until the anchor is in place
+            held.enter_context(claim_output(out_dir, "anchor", overwrite=overwrite, inputs=inputs))
+            _prepare_ckpt(ckpt, resume, inputs + [out_dir])
+        distributed.barrier(info)
         docs = [d for src in data for d in _train_docs(src, max_bytes, heldout_fraction)]
-        ckpt = _ckpt_dir(out_dir, ckpt_dir)
         tok_path = ckpt / TOKENIZER_FILE
         # The tokenizer is trained once (rank 0) and kept with the checkpoints, so a resumed run
         # uses exactly the same one.
@@ -295,12 +405,13 @@ def train_anchor(out_dir, preset="tiny", data: Sequence = PUBLIC_DOMAINS, steps:
             method = _embed_method(embed_method)
             model.eval()
             public_row = _embedding(docs, method, model, tok, cfg.d_model, embed_docs)
-            write_model_dir(out_dir, model.cpu(), tok_path, public_row, method)
-            shutil.rmtree(ckpt, ignore_errors=True)
+            write_model_dir(out_dir, model.cpu(), tok_path, public_row, method, overwrite=overwrite, inputs=inputs)
+            remove_artifact(ckpt, CHECKPOINT_KIND)
             if log:
                 print(f"anchor: {out_dir}  {_summary(stats)}", flush=True)
         distributed.barrier(info)
     finally:
+        held.close()
         distributed.teardown(info)
     return out_dir
 
@@ -341,13 +452,16 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
                  batch_size: int = 8, lr: float = 1e-3, device="cpu", seed: int = 0,
                  embed_method: str | None = None, resume: bool = True, *, seq_len: int | None = None,
                  max_bytes: int | None = None, heldout_fraction: float = 0.1,
-                 warmup_steps: int | None = None, checkpoint_every: int = 50, ckpt_dir=None,
-                 log: bool = True, embed_docs: int = 256, callback: Callback | None = None) -> Path:
+                 warmup_steps: int | None = None, checkpoint_every: int = 25, ckpt_dir=None,
+                 log: bool = True, embed_docs: int = 256, callback: Callback | None = None,
+                 overwrite: bool = False) -> Path:
     """Train one owner's expert on ``source`` and write ``NAME.flexpert``; returns the package path.
 
     ``source``: a domain name, a folder of text files, or a list of documents (then give ``name``).
     ``out_path``: the package folder (``*.flexpert``) or a folder to put ``NAME.flexpert`` in.
     ``embed_method``: defaults to the one the anchor's public row was made with.
+    ``overwrite``: replace an existing flexkern package at the output (else refused up front).
+    A kill loses at most ``checkpoint_every`` steps; the rerun resumes.
     """
     if name is None:
         if isinstance(source, (list, tuple)):
@@ -355,8 +469,17 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
         name = Path(str(source)).name
     check_name(name)
     out = package_path(out_path, name)
+    inputs = [Path(anchor_dir), *_path_inputs(source)]
+    ckpt = _ckpt_dir(out, ckpt_dir)
+    check_output(out, PACKAGE_KIND, overwrite=overwrite, inputs=inputs)  # before any work, on every rank
+    _check_ckpt(ckpt, inputs + [out])
     info = distributed.setup(device)
+    held = contextlib.ExitStack()
     try:
+        if info.is_main:  # one writer per package: a second run to the same name is refused here
+            held.enter_context(claim_output(out, PACKAGE_KIND, overwrite=overwrite, inputs=inputs))
+            _prepare_ckpt(ckpt, resume, inputs + [out])
+        distributed.barrier(info)
         anchor, _ = load_model(anchor_dir)
         if anchor.moe_layers():
             raise ValueError(f"{anchor_dir} is a merged model; owners train from the dense anchor")
@@ -381,7 +504,6 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
         fp = anchor_fingerprint(anchor)
         meta = {"kind": "expert", "name": name, "anchor_fingerprint": fp, "schedule": asdict(sched),
                 "own_row_sha256": tensor_sha256(own_row)}
-        ckpt = _ckpt_dir(out, ckpt_dir)
         stats = train_loop(model, opt, sampler, sched, info, ckpt / CHECKPOINT_FILE, meta, checkpoint_every,
                            resume, log, f"expert {name}", callback, _clamp_bias(model))
         if info.is_main:
@@ -390,13 +512,15 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
                         ("documents" if isinstance(source, (list, tuple)) else str(source)),
                         "tokens_seen": steps * batch_size * seq_len, "steps": steps,
                         "config": cfg.to_dict(), "anchor_fingerprint": fp,
-                        "public_row_sha256": tensor_sha256(public_row.float()), "embed_method": method}
-            save_package(out, expert_tensors(model, 1), manifest)
-            shutil.rmtree(ckpt, ignore_errors=True)
+                        "public_row_sha256": tensor_sha256(public_row.float()), "embed_method": method,
+                        "tokenizer_sha256": file_sha256(Path(anchor_dir) / TOKENIZER_FILE)}
+            save_package(out, expert_tensors(model, 1), manifest, overwrite=overwrite, inputs=inputs)
+            remove_artifact(ckpt, CHECKPOINT_KIND)
             if log:
                 print(f"expert {name}: {out}  {_summary(stats)}", flush=True)
         distributed.barrier(info)
     finally:
+        held.close()
         distributed.teardown(info)
     return out
 
@@ -420,7 +544,6 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default=None)
     e.add_argument("--steps", type=int, default=150)
     e.add_argument("--lr", type=float, default=1e-3)
-    e.add_argument("--checkpoint-every", type=int, default=50)
     e.add_argument("--embed-method", default=None, choices=("minilm", "anchor"))
     for sp in (a, e):
         sp.add_argument("--batch-size", type=int, default=8, help="global windows per step (all ranks)")
@@ -428,7 +551,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-bytes", type=int, default=None, help="per source")
         sp.add_argument("--device", default="cpu")
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--checkpoint-every", type=int, default=50 if sp is a else 25)
         sp.add_argument("--no-resume", action="store_true")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing flexkern output of the same kind")
         sp.add_argument("--quiet", action="store_true")
     return p
 
@@ -436,10 +561,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     common = dict(batch_size=args.batch_size, seq_len=args.seq_len, max_bytes=args.max_bytes,
-                  device=args.device, seed=args.seed, resume=not args.no_resume, log=not args.quiet)
+                  device=args.device, seed=args.seed, resume=not args.no_resume, log=not args.quiet,
+                  overwrite=args.overwrite)
     if args.cmd == "anchor":
         train_anchor(args.out, preset=args.preset, data=args.data, steps=args.steps, lr=args.lr,
-                     embed_method=args.embed_method, **common)
+                     embed_method=args.embed_method, checkpoint_every=args.checkpoint_every, **common)
     else:
         train_expert(args.anchor, args.source, args.out, name=args.name, steps=args.steps, lr=args.lr,
                      embed_method=args.embed_method, checkpoint_every=args.checkpoint_every, **common)
