@@ -319,3 +319,39 @@ def test_compile_fullgraph_forward_backward():
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+# ---- the Triton backend (interpreted on the CPU) ----------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+@pytest.mark.parametrize("layout", ["fused", "transposed"])
+def test_triton_backend_reads_the_views(layout, monkeypatch):
+    """The views of the fused / transposed weights through the Triton kernels (forward and
+    backward), against eager."""
+    pytest.importorskip("triton")
+    if "triton" not in flexkern.ops.backend.available("experts_swiglu"):
+        pytest.skip("triton backend not registered")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FLEXKERN_BACKEND", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if layout == "fused":
+        module = _model("flex_olmo").model.layers[0].mlp.experts.to(dev)
+    else:
+        module = TransposedExperts(_cfg("eager")).to(dev)
+    x = torch.randn(9, D, device=dev)
+    idx, w = _routing(9, module.num_experts)
+    idx, w = idx.to(dev), w.to(dev)
+    with torch.no_grad():
+        disp = flexkern.ops.dispatch(idx, module.num_experts)
+        decision = flexkern.explain("experts_swiglu", x, *fkt.expert_weights(module), disp, w)
+        assert decision.backend == "triton", str(decision)
+
+    def run(impl, dtype):
+        module.to(dtype).config._experts_implementation = impl
+        xs, ws = (t.detach().to(dtype).requires_grad_(True) for t in (x, w))
+        y = module(xs, idx, ws)
+        return [y, *torch.autograd.grad(y.square().sum(), (xs, ws, module.gate_up_proj, module.down_proj))]
+
+    got, eager32, oracle = run("flexkern", torch.float32), run("eager", torch.float32), run("eager", torch.float64)
+    for what, a, b, c in zip(("y", "dx", "d weights", "d gate_up_proj", "d down_proj"), got, eager32, oracle):
+        _check(a, b, c, f"triton {layout} {what}")
