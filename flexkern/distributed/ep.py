@@ -121,6 +121,9 @@ class ExpertParallelMoE(FlexMoE):
                              persistent="expert_mask" in saved)
         self.register_buffer("expert_frozen", torch.zeros(num_experts, dtype=torch.bool, device=device),
                              persistent="expert_frozen" in saved)
+        # Rank d holds experts [starts[d], starts[d+1]); kept on the device (no copy per forward).
+        self.register_buffer("expert_starts_W1", torch.tensor(starts, dtype=torch.int64, device=device),
+                             persistent=False)
         self.register_buffer("overflow", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("overflow_total", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.z_loss: torch.Tensor | None = None
@@ -260,7 +263,7 @@ class ExpertParallelMoE(FlexMoE):
         N, D = x_ND.shape
         L = self.local_end - self.local_start
         with self._phase("exchange"):
-            starts_W1 = torch.tensor(self.expert_starts, device=dev)
+            starts_W1 = self.expert_starts_W1
             first_W = offsets_E1[starts_W1[:-1]]  # first row bound for each destination rank
             count_W = offsets_E1[starts_W1[1:]] - first_W
             over = (count_W - C).clamp_min(0).sum()
