@@ -24,7 +24,7 @@ from flexkern.triton import configs, ops as triton_ops
 
 from . import report
 from .moe_paths import force_hot_expert
-from .shapes import GPU_QUICK_SHAPES, GPU_SHAPES, select
+from .shapes import CPU_SHAPES, GPU_QUICK_SHAPES, GPU_SHAPES, select
 from .timing import bench_ms
 
 T_ = configs.TileConfig
@@ -41,12 +41,12 @@ CANDIDATES = {
 FORWARD_ROLES = ("gate_up", "down")
 
 
-def make_inputs(shape, dtype=torch.bfloat16):
-    g = torch.Generator(device="cuda").manual_seed(0)
+def make_inputs(shape, dtype=torch.bfloat16, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
     T, D, F, E, K = shape.T, shape.D, shape.F, shape.E, shape.K
 
     def r(*size, scale=1.0):
-        return (torch.randn(*size, device="cuda", generator=g) * scale).to(dtype)
+        return (torch.randn(*size, device=device, generator=g) * scale).to(dtype)
 
     x = r(T, D)
     ws = (r(E, F, D, scale=D**-0.5), r(E, F, D, scale=D**-0.5), r(E, D, F, scale=F**-0.5))
@@ -55,7 +55,7 @@ def make_inputs(shape, dtype=torch.bfloat16):
         force_hot_expert(x, router, shape.hot_tokens, g)
     mask = None
     if shape.masked_frac:
-        mask = torch.ones(E, dtype=torch.bool, device="cuda")
+        mask = torch.ones(E, dtype=torch.bool, device=device)
         mask[::2] = False
     weights, experts, _ = flexkern.route(x, router, K)
     disp = flexkern.dispatch(experts, E, mask, validate=False)
@@ -65,18 +65,24 @@ def make_inputs(shape, dtype=torch.bfloat16):
 def kernel_breakdown(fwd, bwd, trace_path: str | None = None) -> list[tuple[str, float]]:
     """The 12 costliest kernels of one forward+backward: (name, ms). ``trace_path``: also write
     the profile there as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev)."""
-    fwd(), bwd()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    if cuda:  # compile and warm up outside the profile (the interpreter has nothing to warm)
         fwd(), bwd()
         torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        fwd(), bwd()
+        if cuda:
+            torch.cuda.synchronize()
     if trace_path:
         _write_trace(prof, trace_path)
     events = prof.key_averages()
     # kernels only: with CPU activity recorded, the CPU ops above them carry their device time too
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA] or list(events)
-    rows = [(e.key, e.device_time_total / 1e3) for e in kernels]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    if cuda:
+        rows = [(e.key, e.device_time_total / 1e3) for e in kernels or events]
+    else:  # the interpreter: Python-level ops on the host clock
+        rows = [(e.key, e.cpu_time_total / 1e3) for e in events]
     return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])[:12]
 
 
@@ -95,10 +101,11 @@ def _write_trace(prof, path: str) -> None:
 
 
 def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
-          progress=lambda result: None) -> dict:
+          progress=lambda result: None, roles=tuple(CANDIDATES), device="cuda") -> dict:
     """Breakdown, then the sweep role by role; ``progress(result)`` after each step (so a run
     that is cut short keeps what it measured)."""
-    x, ws, disp, weights, dy = make_inputs(shape)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    x, ws, disp, weights, dy = make_inputs(shape, dtype, device)
     args = (x, *ws, *disp.tensors(), weights, None)
     # The training path: the forward saves the gate/up pre-activations, the backward loads them.
     fwd = lambda: triton_ops.experts_fwd_triton(*args, save_activations=True)  # noqa: E731
@@ -122,7 +129,8 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
         return result
     original = triton_ops.pick
     try:
-        for role, cands in CANDIDATES.items():
+        for role in roles:
+            cands = CANDIDATES[role]
             fn = fwd if role in FORWARD_ROLES else bwd
             rows = []
             for cand in [getattr(base, role)] + cands:
@@ -153,12 +161,25 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only the per-kernel breakdown of the current configs, no sweep")
     ap.add_argument("--trace-dir", help="write a gzipped Chrome trace per shape here")
+    ap.add_argument("--roles", default=",".join(CANDIDATES),
+                    help=f"kernel roles to sweep, comma-separated (default: all of {','.join(CANDIDATES)})")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the Triton interpreter (TRITON_INTERPRET=1), to test this script only")
     a = ap.parse_args(argv)
-    shapes = select(GPU_SHAPES + GPU_QUICK_SHAPES, a.shapes)  # unknown names fail here, GPU or not
-    if not torch.cuda.is_available():
+    shapes = select(GPU_SHAPES + GPU_QUICK_SHAPES + CPU_SHAPES, a.shapes)  # unknown names fail here
+    roles = tuple(r.strip() for r in a.roles.split(",") if r.strip())
+    if unknown := [r for r in roles if r not in CANDIDATES]:
+        raise SystemExit(f"unknown role(s) {unknown}; known: {list(CANDIDATES)}")
+    if a.device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--device cpu needs TRITON_INTERPRET=1 (the Triton interpreter)")
+        name = "cpu (Triton interpreter; times mean nothing)"
+    elif not torch.cuda.is_available():
         print("tune_experts needs a CUDA GPU; nothing to do")
         return 0
-    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": []}
+    else:
+        name = torch.cuda.get_device_name()
+    out = {"gpu": name, "torch": torch.__version__, "results": []}
     for s in shapes:
         done = list(out["results"])
 
@@ -166,7 +187,7 @@ def main(argv=None) -> int:
             if a.json:
                 report.write_json(a.json, {**out, "results": done + [result]})
 
-        out["results"].append(sweep(s, a.breakdown_only, a.trace_dir, progress))
+        out["results"].append(sweep(s, a.breakdown_only, a.trace_dir, progress, roles, a.device))
         progress(out["results"][-1], done)
     return 0
 
