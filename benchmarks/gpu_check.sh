@@ -212,7 +212,10 @@ if s:
 t = load("tune.json")
 if t:
     for res in t.get("results", []):
-        top = ", ".join(f"{ms:.2f} ms {name[:40]}" for name, ms in res.get("breakdown_ms", [])[:3])
-        print(f"  kernels {res['shape']['name']}: {top}")
+        if res.get("launches"):  # per role, in launch order (fwd: gate_up, down, combine; then bwd)
+            top = ", ".join(f"{r['role']} {r['ms']:.2f}" for r in res["launches"] if r["ms"] >= 0.01)
+        else:
+            top = ", ".join(f"{name[:40]} {ms:.2f}" for name, ms in res.get("breakdown_ms", [])[:3])
+        print(f"  kernels ms {res['shape']['name']}: {top}")
 PYEOF
 say "  files: $(cd "$OUT" && ls | tr '\n' ' ')"

@@ -62,9 +62,11 @@ def make_inputs(shape, dtype=torch.bfloat16, device="cuda"):
     return x, ws, disp, weights, r(T, D)
 
 
-def kernel_breakdown(fwd, bwd, trace_path: str | None = None) -> list[tuple[str, float]]:
+def kernel_breakdown(fwd, bwd, trace_path: str | None = None, launches: list | None = None
+                     ) -> list[tuple[str, float]]:
     """The 12 costliest kernels of one forward+backward: (name, ms). ``trace_path``: also write
-    the profile there as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev)."""
+    the profile there as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev);
+    ``launches``: extended with every kernel launch and its role (kernel_launches)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     if cuda:  # compile and warm up outside the profile (the interpreter has nothing to warm)
@@ -76,6 +78,8 @@ def kernel_breakdown(fwd, bwd, trace_path: str | None = None) -> list[tuple[str,
             torch.cuda.synchronize()
     if trace_path:
         _write_trace(prof, trace_path)
+    if launches is not None:
+        launches.extend(kernel_launches(prof))
     events = prof.key_averages()
     # kernels only: with CPU activity recorded, the CPU ops above them carry their device time too
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -84,6 +88,36 @@ def kernel_breakdown(fwd, bwd, trace_path: str | None = None) -> list[tuple[str,
     else:  # the interpreter: Python-level ops on the host clock
         rows = [(e.key, e.cpu_time_total / 1e3) for e in events]
     return sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])[:12]
+
+
+# Launch order of flexkern's Triton kernels in one forward+backward with saved activations
+# (flexkern/triton/ops.py): the n-th launch of a kernel name is this role.
+ROLE_ORDER = {
+    "grouped_gemm_kernel": ("gate_up", "down", "dx"),
+    "gather_sum_kernel": ("combine", "combine_dx"),
+    "recompute_kernel": ("recompute",),
+    "wgrad_kernel": ("wgrad_down", "wgrad_gate_up"),
+    "slot_sum_kernel": ("d_weights",),
+}
+
+
+def kernel_launches(prof) -> list[dict]:
+    """Every GPU kernel of the profile in launch order, with the role it plays: the roles share
+    kernel names (gate_up, down and dx are all grouped_gemm_kernel), which key_averages merges."""
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    seen: dict[str, int] = {}
+    out = []
+    for e in events:
+        base = next((k for k in ROLE_ORDER if k in e.name), None)
+        role = e.name[:60]
+        if base is not None:
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            roles = ROLE_ORDER[base]
+            role = roles[n] if n < len(roles) else f"{base}#{n}"
+        out.append({"role": role, "kernel": e.name[:120], "ms": e.time_range.elapsed_us() / 1e3})
+    return out
 
 
 def _write_trace(prof, path: str) -> None:
@@ -115,7 +149,8 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
     result = {"shape": shape.as_dict(), "base": dataclasses.asdict(base), "roles": {}}
     try:
         trace = os.path.join(trace_dir, f"trace_{shape.name}.json.gz") if trace_dir else None
-        result["breakdown_ms"] = kernel_breakdown(fwd, bwd, trace)
+        result["launches"] = []
+        result["breakdown_ms"] = kernel_breakdown(fwd, bwd, trace, result["launches"])
         if trace:
             result["trace"] = trace
     except Exception as exc:  # the profiler is a nice-to-have; the sweep is the point
@@ -124,6 +159,11 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
     print(f"\n== {shape.name}: kernel time of one forward+backward (ms)")
     for name, ms in result["breakdown_ms"]:
         print(f"  {ms:9.3f}  {name[:90]}")
+    if result.get("launches"):
+        total = sum(r["ms"] for r in result["launches"])
+        print(f"  by role, in launch order (kernels sum to {total:.3f} ms):")
+        for r in result["launches"]:
+            print(f"  {r['ms']:9.3f}  {100 * r['ms'] / total:5.1f}%  {r['role']:<16} {r['kernel'][:60]}")
     progress(result)
     if breakdown_only:
         return result

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -86,6 +85,7 @@ def test_second_run_compares_against_the_saved_one(saved):
 
 
 def test_normal_test_run_does_not_collect_the_suite():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert ini["testpaths"] == ["tests"]
     assert "python_files" not in ini  # the default test_*.py; benchmarks/ lies outside testpaths

@@ -48,3 +48,38 @@ def test_bad_arguments_are_refused(monkeypatch):
         tune_experts.main(["--device", "cpu", "--shapes", "tiny", "--roles", "nope"])
     with pytest.raises(ValueError, match="unknown shape"):
         tune_experts.main(["--shapes", "nope"])
+
+
+def test_kernel_launches_label_roles_in_launch_order():
+    sys.path.insert(0, str(ROOT))
+    from torch.autograd import DeviceType
+
+    from benchmarks import tune_experts
+
+    class Interval:
+        def __init__(self, start, us):
+            self.start, self.us = start, us
+
+        def elapsed_us(self):
+            return self.us
+
+    class Event:
+        def __init__(self, name, start, us, device=DeviceType.CUDA):
+            self.name, self.time_range, self.device_type = name, Interval(start, us), device
+
+    # one forward+backward, listed out of order; a CPU op and an unknown kernel mixed in
+    seq = ["grouped_gemm_kernel", "grouped_gemm_kernel", "gather_sum_kernel", "recompute_kernel",
+           "wgrad_kernel", "slot_sum_kernel", "grouped_gemm_kernel", "gather_sum_kernel", "wgrad_kernel",
+           "elementwise_kernel<float>", "grouped_gemm_kernel"]
+    events = [Event(n, start=10 * i, us=1000 * (i + 1)) for i, n in enumerate(seq)]
+    events.append(Event("aten::mm", start=5, us=7, device=DeviceType.CPU))
+
+    class Prof:
+        def events(self):
+            return list(reversed(events))
+
+    got = tune_experts.kernel_launches(Prof())
+    assert [r["role"] for r in got] == ["gate_up", "down", "combine", "recompute", "wgrad_down", "d_weights",
+                                        "dx", "combine_dx", "wgrad_gate_up", "elementwise_kernel<float>",
+                                        "grouped_gemm_kernel#3"]
+    assert [r["ms"] for r in got] == [float(i + 1) for i in range(len(seq))]
