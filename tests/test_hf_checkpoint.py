@@ -213,8 +213,8 @@ def test_export_refuses_existing_output(tmp_path, tok_path):
 
 
 # ---- import -------------------------------------------------------------------------------------------------
-def _saved_flexolmo(path, tok_path, tied=False, **over):
-    V = _vocab(tok_path)
+def _saved_flexolmo(path, tok_path, tied=False, dtype=torch.float32, vocab_pad=0, **over):
+    V = _vocab(tok_path) + vocab_pad
     cfg = transformers.FlexOlmoConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=2, num_experts=3, num_experts_per_tok=2,
                                       max_position_embeddings=32, pad_token_id=None, bos_token_id=None,
@@ -225,7 +225,7 @@ def _saved_flexolmo(path, tok_path, tied=False, **over):
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0.0, 0.2)
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     from tokenizers import Tokenizer
 
     t = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(tok_path)), eos_token=EOS_TOKEN)
@@ -245,7 +245,7 @@ def test_import_saved_flexolmo_same_logits(tmp_path, tok_path):
         oracle = ref.double()(ids).logits
     floor = 8 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
     assert (got.double() - oracle).abs().max() <= 2 * (want.double() - oracle).abs().max() + floor
-    assert all(float(m.router.bias.abs().max()) == 0 for m in model.moe_layers())
+    assert all(not m.router.bias.detach().any() for m in model.moe_layers())
     info = json.loads((out / "experts.json").read_text())
     assert info["hf_import"]["dtype"] == "float32"
 
@@ -274,9 +274,11 @@ def test_import_fused_names(tmp_path, tok_path):
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
-def test_round_trips_are_bit_identical(tmp_path, tok_path):
-    # transformers -> flexkern -> transformers: the same tensors, bit for bit
-    _saved_flexolmo(tmp_path / "hf", tok_path)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_trips_are_bit_identical(tmp_path, tok_path, dtype):
+    # transformers -> flexkern -> transformers: the same tensors, bit for bit (exported in the
+    # dtype the checkpoint came in)
+    _saved_flexolmo(tmp_path / "hf", tok_path, dtype=dtype)
     fk = hf.import_hf(tmp_path / "hf", tmp_path / "fk")
     again = hf.export_hf(fk, tmp_path / "hf2")
     a, b = _safetensors(tmp_path / "hf"), _safetensors(again)
@@ -341,5 +343,25 @@ def test_import_names_and_existing_output(tmp_path, tok_path):
     with pytest.raises(CheckpointError, match="overwrite"):
         hf.import_hf(tmp_path / "hf", out)
     hf.import_hf(tmp_path / "hf", out, overwrite=True)
+    _saved_flexolmo(tmp_path / "padded", tok_path, vocab_pad=8)
+    with pytest.raises(hf.HFFormatError, match="padded vocabulary"):
+        hf.import_hf(tmp_path / "padded", tmp_path / "fk3")
     with pytest.raises(ValueError, match="starting with 'public'"):
         hf.import_hf(tmp_path / "hf", tmp_path / "fk2", names=["math", "code", "x"])
+
+
+def test_router_bias_cost_on_folders(tmp_path, tok_path):
+    model = _random_model(_cfg(tok_path))
+    with torch.no_grad():
+        model.blocks[0].ffn.router.bias[1] = -1.5
+    d = _model_dir(tmp_path / "merged", model, tok_path)
+    for name in ("src_a", "src_b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(12):
+            (folder / f"{i}.txt").write_text(f"def f{i}(x): return x * {i}  # {name} the quick brown fox\n" * 4)
+    cost = hf.router_bias_cost_dir(d, [tmp_path / "src_a", tmp_path / "src_b"], seq_len=16)
+    assert list(cost) == [str(tmp_path / "src_a"), str(tmp_path / "src_b")]
+    assert all(c["delta"] == pytest.approx(c["without_bias"] - c["with_bias"]) for c in cost.values())
+    table = hf.format_bias_cost(cost)
+    assert "with bias" in table and str(tmp_path / "src_a") in table

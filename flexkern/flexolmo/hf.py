@@ -444,6 +444,11 @@ def import_hf(hf_dir, out_dir, *, names: list[str] | None = None, overwrite: boo
     names = names or found
     if not (hf_dir / TOKENIZER_FILE).is_file():
         raise HFFormatError(f"{hf_dir} has no {TOKENIZER_FILE}; a flexkern model directory needs the tokenizer")
+    n_tok = load_tokenizer(hf_dir / TOKENIZER_FILE).get_vocab_size()
+    if n_tok != model.config.vocab_size:
+        raise HFFormatError(f"{hf_dir}: the tokenizer has {n_tok} entries but the embedding has "
+                            f"{model.config.vocab_size} rows (padded vocabulary); flexkern's model directories "
+                            "need them equal")
     row = model.moe_layers()[0].router.weight[0].detach().float()
     experts = {"experts": names, "anchor_fingerprint": anchor_fingerprint(model), "packages": {}, **notes}
     return write_model_dir(out_dir, model, hf_dir / TOKENIZER_FILE, row, "hf-import (layer 0 router row 0)",
@@ -470,3 +475,24 @@ def router_bias_cost(model: FlexOlmoLM, streams: dict[str, torch.Tensor], seq_le
             b.copy_(old)
     return {d: {"with_bias": with_bias[d], "without_bias": without[d], "delta": without[d] - with_bias[d]}
             for d in streams}
+
+
+def router_bias_cost_dir(model_dir, sources, max_bytes: int | None = None, max_tokens: int | None = 20_000,
+                         seq_len: int | None = None) -> dict[str, dict[str, float]]:
+    """``router_bias_cost`` of a model directory on the held-out documents of ``sources`` (domain
+    names or folders of text files, split as for training)."""
+    from .evaluate import heldout_streams
+
+    model, _ = load_model(model_dir)
+    tok = load_tokenizer(Path(model_dir) / TOKENIZER_FILE)
+    streams = heldout_streams(tok, list(sources), max_bytes)
+    return router_bias_cost(model, streams, seq_len, max_tokens)
+
+
+def format_bias_cost(cost: dict[str, dict[str, float]]) -> str:
+    """A small table of ``router_bias_cost``'s result (loss in nats/token, + = worse without bias)."""
+    w = max([len("domain")] + [len(d) for d in cost])
+    lines = [f"{'domain':<{w}}  with bias  without  change", f"{'-' * w}  ---------  -------  ------"]
+    for d, c in cost.items():
+        lines.append(f"{d:<{w}}  {c['with_bias']:9.4f}  {c['without_bias']:7.4f}  {c['delta']:+.4f}")
+    return "\n".join(lines)
