@@ -62,8 +62,8 @@ def make_inputs(shape, dtype=torch.bfloat16, device="cuda"):
     return x, ws, disp, weights, r(T, D)
 
 
-def kernel_breakdown(fwd, bwd, trace_path: str | None = None, launches: list | None = None
-                     ) -> list[tuple[str, float]]:
+def kernel_breakdown(fwd, bwd, trace_path: str | None = None, launches: list | None = None,
+                     ndf: float | None = None) -> list[tuple[str, float]]:
     """The 12 costliest kernels of one forward+backward: (name, ms). ``trace_path``: also write
     the profile there as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev);
     ``launches``: extended with every kernel launch and its role (kernel_launches)."""
@@ -79,7 +79,7 @@ def kernel_breakdown(fwd, bwd, trace_path: str | None = None, launches: list | N
     if trace_path:
         _write_trace(prof, trace_path)
     if launches is not None:
-        launches.extend(kernel_launches(prof))
+        launches.extend(kernel_launches(prof, ndf))
     events = prof.key_averages()
     # kernels only: with CPU activity recorded, the CPU ops above them carry their device time too
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
@@ -101,9 +101,15 @@ ROLE_ORDER = {
 }
 
 
-def kernel_launches(prof) -> list[dict]:
+# Useful FLOPs of each GEMM role in units of N·D·F (N routed rows): forward 6, backward with the
+# saved gate/up pre-activations 12 (the recompute kernel then only computes dh).
+ROLE_FLOPS = {"gate_up": 4, "down": 2, "recompute": 2, "dx": 4, "wgrad_down": 2, "wgrad_gate_up": 4}
+
+
+def kernel_launches(prof, ndf: float | None = None) -> list[dict]:
     """Every GPU kernel of the profile in launch order, with the role it plays: the roles share
-    kernel names (gate_up, down and dx are all grouped_gemm_kernel), which key_averages merges."""
+    kernel names (gate_up, down and dx are all grouped_gemm_kernel), which key_averages merges.
+    ``ndf`` (N·D·F): each GEMM role also gets its TFLOP/s (ROLE_FLOPS)."""
     events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
     seen: dict[str, int] = {}
@@ -116,7 +122,10 @@ def kernel_launches(prof) -> list[dict]:
             seen[base] = n + 1
             roles = ROLE_ORDER[base]
             role = roles[n] if n < len(roles) else f"{base}#{n}"
-        out.append({"role": role, "kernel": e.name[:120], "ms": e.time_range.elapsed_us() / 1e3})
+        row = {"role": role, "kernel": e.name[:120], "ms": e.time_range.elapsed_us() / 1e3}
+        if ndf and role in ROLE_FLOPS and row["ms"] > 0:
+            row["tflops"] = ROLE_FLOPS[role] * ndf / (row["ms"] * 1e9)
+        out.append(row)
     return out
 
 
@@ -150,7 +159,10 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
     try:
         trace = os.path.join(trace_dir, f"trace_{shape.name}.json.gz") if trace_dir else None
         result["launches"] = []
-        result["breakdown_ms"] = kernel_breakdown(fwd, bwd, trace, result["launches"])
+        rows = int(disp.tensors()[0].reshape(-1)[-1])  # routed rows (dropped ones excluded)
+        result["routed_rows"] = rows
+        result["breakdown_ms"] = kernel_breakdown(fwd, bwd, trace, result["launches"],
+                                                  float(rows) * shape.D * shape.F)
         if trace:
             result["trace"] = trace
     except Exception as exc:  # the profiler is a nice-to-have; the sweep is the point
@@ -163,7 +175,8 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
         total = sum(r["ms"] for r in result["launches"])
         print(f"  by role, in launch order (kernels sum to {total:.3f} ms):")
         for r in result["launches"]:
-            print(f"  {r['ms']:9.3f}  {100 * r['ms'] / total:5.1f}%  {r['role']:<16} {r['kernel'][:60]}")
+            rate = f"{r['tflops']:6.1f} TFLOP/s" if "tflops" in r else " " * 13
+            print(f"  {r['ms']:9.3f}  {100 * r['ms'] / total:5.1f}%  {rate}  {r['role']:<16} {r['kernel'][:50]}")
     progress(result)
     if breakdown_only:
         return result

@@ -83,3 +83,7 @@ def test_kernel_launches_label_roles_in_launch_order():
                                         "dx", "combine_dx", "wgrad_gate_up", "elementwise_kernel<float>",
                                         "grouped_gemm_kernel#3"]
     assert [r["ms"] for r in got] == [float(i + 1) for i in range(len(seq))]
+    rated = tune_experts.kernel_launches(Prof(), ndf=1e9)
+    gate_up, down = rated[0], rated[1]
+    assert gate_up["tflops"] == 4 * 1e9 / (1.0 * 1e9) and down["tflops"] == 2 * 1e9 / (2.0 * 1e9)
+    assert "tflops" not in rated[2]  # the combine is no GEMM
