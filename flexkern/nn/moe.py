@@ -190,6 +190,23 @@ class FlexMoE(nn.Module):
         )
         return y_TD.view(x.shape)
 
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor) -> list:
+        """Which backend runs route, dispatch and experts_swiglu on input ``x``, and why
+        (``flexkern.explain`` for each op with this layer's arguments and backend preference)."""
+        x_TD = x.reshape(-1, self.d_model)
+        route_args = (x_TD, self.router.weight, self.top_k, self.effective_bias(), self.expert_mask,
+                      self.mask_mode, self.renormalize)
+        why = [ops.backend.explain("route", *route_args, backend=self.backend)]
+        weights_TK, experts_TK, _ = ops.route(*route_args, backend=self.backend)
+        why.append(ops.backend.explain("dispatch", experts_TK, self.num_experts, self.expert_mask,
+                                       validate=False, backend=self.backend))
+        disp = ops.dispatch(experts_TK, self.num_experts, self.expert_mask, self.backend, validate=False)
+        why.append(ops.backend.explain(
+            "experts_swiglu", x_TD, self.experts.gate_proj, self.experts.up_proj,
+            self.experts.down_proj, disp, weights_TK, self.expert_frozen, backend=self.backend))
+        return why
+
     def _z_loss(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """mean over tokens of logsumexp(active logits)^2; finite when every expert is masked."""
         if logits_TE.shape[0] == 0:
