@@ -1,4 +1,4 @@
-"""The CUDA kernels of flexkern._C (route, dispatch, tile schedule) against the references, on a GPU.
+"""The CUDA kernels of flexkern._C (route, dispatch) against the references, on a GPU.
 
 Kernels write into buffers poisoned beforehand (NaN / -7), so an element they skip is caught.
 Routing ids are compared exactly where probabilities are exactly tied or well separated, and
