@@ -403,13 +403,28 @@ def load_hf(hf_dir) -> tuple[FlexOlmoLM, list[str], dict]:
         raise HFFormatError(f"{hf_dir}: no tensors for {sorted(missing)[:4]}")
     info = _read_info(hf_dir)
     names = info.get("experts") if isinstance(info.get("experts"), list) else None
-    if names is None or len(names) != cfg.num_experts or names[0] != PUBLIC:
+    if names is None or len(names) != cfg.num_experts:  # no record (or another model's): defaults
         names = [PUBLIC] + [f"expert_{e}" for e in range(1, cfg.num_experts)]
+    _check_names(names, cfg.num_experts, f"{hf_dir / FLEXKERN_FILE}: experts")
     notes = dict(info.get("notes") or {}) if info.get("anchor_fingerprint") == anchor_fingerprint(model) else {}
     src_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     notes["hf_import"] = {"source": str(hf_dir), "dtype": str(src_dtype).replace("torch.", ""),
                           "tied_embeddings": tied}
     return model.eval(), names, notes
+
+
+def _check_names(names: list, E: int, what: str) -> list[str]:
+    """``names`` must be E unique valid expert names, "public" first (ValueError naming ``what``)."""
+    from .package import PackageError, check_name
+
+    if len(names) != E or names[0] != PUBLIC or len(set(names)) != len(names):
+        raise ValueError(f"{what} must list {E} unique experts starting with {PUBLIC!r}, got {names}")
+    try:
+        for n in names[1:]:
+            check_name(n)
+    except PackageError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    return names
 
 
 def _read_info(hf_dir: Path) -> dict:
@@ -429,18 +444,7 @@ def import_hf(hf_dir, out_dir, *, names: list[str] | None = None, overwrite: boo
     hf_dir = Path(hf_dir)
     model, found, notes = load_hf(hf_dir)
     if names is not None:
-        from .package import PackageError, check_name
-
-        names = list(names)
-        if len(names) != model.config.num_experts or names[0] != PUBLIC:
-            raise ValueError(f"names must list {model.config.num_experts} experts starting with {PUBLIC!r}, got {names}")
-        try:
-            for n in names[1:]:
-                check_name(n)
-        except PackageError as exc:
-            raise ValueError(str(exc)) from None
-        if len(set(names)) != len(names):
-            raise ValueError(f"expert names must be unique, got {names}")
+        names = _check_names(list(names), model.config.num_experts, "names")
     names = names or found
     if not (hf_dir / TOKENIZER_FILE).is_file():
         raise HFFormatError(f"{hf_dir} has no {TOKENIZER_FILE}; a flexkern model directory needs the tokenizer")
