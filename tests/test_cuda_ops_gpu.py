@@ -197,6 +197,22 @@ def test_route_large(cu):
     check_gate(logits, K, None, True, False, w, e)
 
 
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_route_kernel_fewer_active_experts_than_k(cu, renormalize):
+    """Masked experts get probability exactly 0 (all masked: all weights 0, ids 0..K-1), as in
+    the reference: no NaN."""
+    x, r = torch.randn(33, 16, device="cuda"), torch.randn(6, 16, device="cuda")
+    for active in ([1, 4], []):
+        mask = torch.zeros(6, dtype=torch.bool, device="cuda")
+        mask[active] = True
+        w, e, _ = flexkern.route(x, r, 4, None, mask, renormalize=renormalize, backend="cuda")
+        w_ref, e_ref, _ = route_ref(x, r, 4, None, mask, True, renormalize)
+        assert torch.isfinite(w).all()
+        assert torch.equal(e, e_ref)
+        torch.testing.assert_close(w, w_ref)
+        assert (w[:, len(active):] == 0).all()
+
+
 def test_route_float64_falls_back_to_reference(cu):
     x, r = torch.randn(9, 8, device="cuda", dtype=torch.float64), torch.randn(5, 8, device="cuda", dtype=torch.float64)
     got = flexkern.route(x, r, 2, backend="cuda")
