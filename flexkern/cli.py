@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                  check=_expert_check, run=_expert_run, interrupted=_resume)
     p.add_argument("--anchor", required=True, help="anchor directory")
     p.add_argument("--source", required=True, help=SOURCE_HELP)
-    _add_out(p, "package", "package path (NAME.flexpert) or a folder to put NAME.flexpert in")
+    p.add_argument("--out", required=True, help="package path (NAME.flexpert) or a folder to put NAME.flexpert in")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the package if it is a flexkern package folder; never anything else")
     p.add_argument("--name", default=None, help="expert name (default: the source's name)")
     p.add_argument("--embed-method", default=None, choices=EMBED_METHODS,
                    help="embedder of the owner's router row (default: the one the anchor's public row "
