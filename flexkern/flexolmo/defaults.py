@@ -20,8 +20,8 @@ class TrainDefaults:
     checkpoint_every: int
 
 
-ANCHOR = TrainDefaults(steps=300, lr=3e-3, batch_size=8, checkpoint_every=100)  # train.train_anchor
-EXPERT = TrainDefaults(steps=150, lr=1e-3, batch_size=8, checkpoint_every=50)   # train.train_expert
+ANCHOR = TrainDefaults(steps=300, lr=3e-3, batch_size=8, checkpoint_every=50)  # train.train_anchor
+EXPERT = TrainDefaults(steps=150, lr=1e-3, batch_size=8, checkpoint_every=25)   # train.train_expert
 ANCHOR_PRESET = "tiny"
 
 
