@@ -233,18 +233,24 @@ def _saved_flexolmo(path, tok_path, tied=False, dtype=torch.float32, vocab_pad=0
     return model
 
 
+def _check_vs_transformers(model, ref, ids):
+    """flexkern's error (fp32) vs transformers in fp64 <= 2 x transformers' own fp32 error + a few ulps."""
+    ref.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
+    with torch.no_grad():
+        got, want = model(ids), ref(ids).logits
+        oracle = ref.double()(ids).logits
+    ref.float()
+    floor = 8 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
+    err, own = (got.double() - oracle).abs().max().item(), (want.double() - oracle).abs().max().item()
+    assert err <= 2 * own + floor, f"flexkern error {err:.3g} vs transformers' own {own:.3g} (floor {floor:.3g})"
+
+
 def test_import_saved_flexolmo_same_logits(tmp_path, tok_path):
     ref = _saved_flexolmo(tmp_path / "hf", tok_path)
     out = hf.import_hf(tmp_path / "hf", tmp_path / "fk")
     model, names = load_model(out)
     assert names == ["public", "expert_1", "expert_2"]
-    ids = _ids(model.config)
-    ref.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
-    with torch.no_grad():
-        got, want = model(ids), ref(ids).logits
-        oracle = ref.double()(ids).logits
-    floor = 8 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
-    assert (got.double() - oracle).abs().max() <= 2 * (want.double() - oracle).abs().max() + floor
+    _check_vs_transformers(model, ref, _ids(model.config))
     assert all(not m.router.bias.detach().any() for m in model.moe_layers())
     info = json.loads((out / "experts.json").read_text())
     assert info["hf_import"]["dtype"] == "float32"
@@ -255,9 +261,7 @@ def test_import_tied_embeddings(tmp_path, tok_path):
     assert "lm_head.weight" not in _safetensors(tmp_path / "hf")
     model, _, _ = hf.load_hf(tmp_path / "hf")
     assert torch.equal(model.lm_head.weight, model.embed.weight)
-    ids = _ids(model.config)
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), ref(ids).logits, rtol=1e-4, atol=1e-5)
+    _check_vs_transformers(model, ref, _ids(model.config))
 
 
 def test_import_fused_names(tmp_path, tok_path):
@@ -343,9 +347,6 @@ def test_import_names_and_existing_output(tmp_path, tok_path):
     with pytest.raises(CheckpointError, match="overwrite"):
         hf.import_hf(tmp_path / "hf", out)
     hf.import_hf(tmp_path / "hf", out, overwrite=True)
-    _saved_flexolmo(tmp_path / "padded", tok_path, vocab_pad=8)
-    with pytest.raises(hf.HFFormatError, match="padded vocabulary"):
-        hf.import_hf(tmp_path / "padded", tmp_path / "fk3")
     with pytest.raises(ValueError, match="starting with 'public'"):
         hf.import_hf(tmp_path / "hf", tmp_path / "fk2", names=["math", "code", "x"])
 
@@ -365,3 +366,23 @@ def test_router_bias_cost_on_folders(tmp_path, tok_path):
     assert all(c["delta"] == pytest.approx(c["without_bias"] - c["with_bias"]) for c in cost.values())
     table = hf.format_bias_cost(cost)
     assert "with bias" in table and str(tmp_path / "src_a") in table
+
+
+def test_import_padded_vocabulary(tmp_path, tok_path):
+    """More embedding rows than tokens (as the released FlexOlmo): placeholders for the unused rows."""
+    ref = _saved_flexolmo(tmp_path / "hf", tok_path, vocab_pad=5)
+    out = hf.import_hf(tmp_path / "hf", tmp_path / "fk")
+    model, _ = load_model(out)
+    from tokenizers import Tokenizer
+
+    tok, orig = Tokenizer.from_file(str(out / "tokenizer.json")), Tokenizer.from_file(str(tok_path))
+    V = orig.get_vocab_size()
+    assert tok.get_vocab_size() == model.config.vocab_size == V + 5
+    assert tok.token_to_id(hf.PLACEHOLDER.format(4)) == V + 4
+    text = "def f7(x): return x * 7  # the quick brown fox"
+    assert tok.encode(text).ids == orig.encode(text).ids
+    assert json.loads((out / "experts.json").read_text())["hf_import"]["tokenizer_placeholders"] == 5
+    _check_vs_transformers(model, ref, torch.randint(0, V, (2, 9)))
+    again = _safetensors(hf.export_hf(out, tmp_path / "hf2"))
+    first = _safetensors(tmp_path / "hf")
+    assert first.keys() == again.keys() and all(_bits_equal(first[k], again[k]) for k in first)

@@ -30,6 +30,9 @@ What does not map, and what is done about it:
   the model without them. The public expert 0 cannot be removed; "drop" masks do not map.
 - RoPE tables: flexkern computes the angles in float64, transformers in float32; the logits
   differ by float32 rounding (what the tests bound), nothing systematic.
+- A padded vocabulary (more embedding rows than tokenizer entries, as in the released FlexOlmo)
+  imports with placeholder special tokens for the unused rows (flexkern's directories need one
+  tokenizer entry per row); the tensors are unchanged.
 - Import refuses what flexkern's model cannot express: grouped-query attention, attention biases,
   a head_dim other than hidden_size / heads, RoPE scaling, renormalised top-k, another
   activation, sizes that do not fit, missing or unexpected tensors. Tied embeddings are copied
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -448,15 +452,42 @@ def import_hf(hf_dir, out_dir, *, names: list[str] | None = None, overwrite: boo
     names = names or found
     if not (hf_dir / TOKENIZER_FILE).is_file():
         raise HFFormatError(f"{hf_dir} has no {TOKENIZER_FILE}; a flexkern model directory needs the tokenizer")
-    n_tok = load_tokenizer(hf_dir / TOKENIZER_FILE).get_vocab_size()
-    if n_tok != model.config.vocab_size:
-        raise HFFormatError(f"{hf_dir}: the tokenizer has {n_tok} entries but the embedding has "
-                            f"{model.config.vocab_size} rows (padded vocabulary); flexkern's model directories "
-                            "need them equal")
     row = model.moe_layers()[0].router.weight[0].detach().float()
     experts = {"experts": names, "anchor_fingerprint": anchor_fingerprint(model), "packages": {}, **notes}
-    return write_model_dir(out_dir, model, hf_dir / TOKENIZER_FILE, row, "hf-import (layer 0 router row 0)",
-                           experts, overwrite=overwrite, inputs=[hf_dir])
+    with tempfile.TemporaryDirectory(prefix="flexkern-import-") as tmp:
+        tok_path, pad = _tokenizer_for(hf_dir / TOKENIZER_FILE, model.config.vocab_size, Path(tmp))
+        if pad:
+            experts["hf_import"]["tokenizer_placeholders"] = pad
+        return write_model_dir(out_dir, model, tok_path, row, "hf-import (layer 0 router row 0)",
+                               experts, overwrite=overwrite, inputs=[hf_dir])
+
+
+PLACEHOLDER = "<|flexkern_unused_{}|>"
+
+
+def _tokenizer_for(path: Path, vocab_size: int, tmp: Path) -> tuple[Path, int]:
+    """The tokenizer file for a model with ``vocab_size`` embedding rows, and how many placeholder
+    tokens it needed. Checkpoints often pad the embedding past the tokenizer (the released FlexOlmo:
+    100352 rows, 100278 tokens); flexkern's model directories need one entry per row, so the unused
+    rows get special tokens PLACEHOLDER.format(i) that no text encodes to."""
+    from tokenizers import AddedToken
+
+    tok = load_tokenizer(path)
+    n = tok.get_vocab_size()
+    if n == vocab_size:
+        return path, 0
+    if n > vocab_size:
+        raise HFFormatError(f"{path}: the tokenizer has {n} entries, more than the {vocab_size} embedding rows")
+    ids = set(tok.get_vocab().values())
+    if ids != set(range(n)):
+        raise HFFormatError(f"{path}: the tokenizer's ids are not 0..{n - 1}; cannot pad it to {vocab_size}")
+    pad = vocab_size - n
+    tok.add_special_tokens([AddedToken(PLACEHOLDER.format(i), special=True, normalized=False) for i in range(pad)])
+    if tok.get_vocab_size() != vocab_size or tok.token_to_id(PLACEHOLDER.format(pad - 1)) != vocab_size - 1:
+        raise HFFormatError(f"{path}: padding the tokenizer to {vocab_size} entries did not give ids {n}..{vocab_size - 1}")
+    out = tmp / TOKENIZER_FILE
+    tok.save(str(out))
+    return out, pad
 
 
 # ---- what dropping the router bias costs ----------------------------------------------------------------
