@@ -257,8 +257,6 @@ def _experts_arguments(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, dispatch, weights
     T, D = x_TD.shape
     for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
         check_tensor(name, w, ndim=3, dtypes=(dt,), device=dev)
-        if any(st < 0 for st in w.stride()):
-            raise ValueError(f"{name} has a negative stride {w.stride()}")
     E, Fw, Dw = w_gate_EFD.shape
     if Dw != D:
         raise ValueError(f"w_gate has width {Dw} but x has width {D}")
