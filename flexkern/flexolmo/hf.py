@@ -171,9 +171,9 @@ def negative_router_biases(model: FlexOlmoLM, names: list[str] | None = None,
     out = {}
     for i, m in enumerate(model.moe_layers()):
         eff = m.effective_bias()
-        eff = None if eff is None else eff.detach()
         if eff is None:
             continue
+        eff = eff.detach()
         for e in experts if experts is not None else range(m.num_experts):
             if e and float(eff[e]) < 0:
                 out[f"layer {i} / {names[e] if names else e}"] = float(eff[e])
@@ -249,7 +249,7 @@ def export_model(model: FlexOlmoLM, tokenizer_json, out_dir, *, names: list[str]
     if not isinstance(model, FlexOlmoLM):
         raise TypeError(f"export_model expects a FlexOlmoLM, got {type(model).__name__}")
     cfg = model.config
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype or model.lm_head.weight.dtype
+    dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype or model.lm_head.weight.dtype
     if dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
     info = {"format": "flexkern-hf-export", "version": 1, "anchor_fingerprint": anchor_fingerprint(model)}
