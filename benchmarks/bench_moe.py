@@ -102,6 +102,9 @@ class Runner:
         cuda = dev.type == "cuda"
         inp = moe_paths.make_inputs(shape, dev, self.dtype)
         base = {"shape": shape.name, **{k: v for k, v in shape.as_dict().items() if k != "name"}}
+        if shape.hot_share:  # the skew as routed, not only as asked for
+            rows_E = moe_paths.expert_rows(inp)
+            base["hot_expert_row_share"] = float(rows_E[0]) / float(rows_E.sum())
         floor_ms = None
         if shape.decode:
             nbytes = touched_weight_bytes(inp)

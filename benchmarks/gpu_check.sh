@@ -15,14 +15,15 @@
 #
 # Knobs (environment): GPU_CHECK_TOTAL_S, GPU_CHECK_BENCH_BUDGET_S (layer benchmark, 110),
 # GPU_CHECK_SUITE_BUDGET_S (suite, 100), GPU_CHECK_SUITE_ROUNDS (10), GPU_CHECK_BREAKDOWN_SHAPES,
-# GPU_CHECK_SWEEP_SHAPES (qwen3; empty: no sweep), GPU_CHECK_BUILD=1 (build without a GPU too).
+# GPU_CHECK_SWEEP_SHAPES (qwen3; empty: no sweep), GPU_CHECK_BUILD=1 (build without a GPU too),
+# GPU_CHECK_TESTS=0 (no pytest -m gpu, for a short second try).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -122,7 +123,9 @@ for op in ("route", "dispatch", "experts_swiglu", "experts_swiglu_backward"):
 
 # ---- GPU tests ------------------------------------------------------------------------------
 TEST_LOG=""
-if [ "$HAS_GPU" = "1" ]; then
+if [ "${GPU_CHECK_TESTS:-1}" = "0" ]; then
+    STEPS+=("GPU tests: skipped (GPU_CHECK_TESTS=0)")
+elif [ "$HAS_GPU" = "1" ]; then
     # --maxfail rather than -x: one GPU session should show more than the first failure.
     step "GPU tests (pytest -m gpu)" 130 "$PY" -m pytest -m gpu -q --maxfail=5 -rfE \
         --durations=10 -p no:cacheprovider tests

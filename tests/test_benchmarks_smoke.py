@@ -51,6 +51,8 @@ def test_json_has_meta_and_physics(smoke):
         shape = next(s for s in shapes.CPU_SHAPES if s.name == r["shape"])
         assert r["ms"] > 0
         assert r["tflops"] == pytest.approx(shape.flops(r["mode"]) / (r["ms"] * 1e9))
+        if shape.hot_share:
+            assert r["hot_expert_row_share"] == shape.hot_share
         if shape.decode:
             assert r["bw_floor_share"] > 0 and r["touched_weight_bytes"] > 0
         else:
