@@ -155,7 +155,7 @@ def _check_manifest(manifest, where: str) -> tuple[ModelConfig, dict]:
             raise PackageError(f"{where}: field 'tensors.{k}.sha256' must be a sha256 hex string")
         if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
             raise PackageError(f"{where}: field 'tensors.{k}.shape' must be a list of ints, got {shape!r:.80}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise PackageError(f"{where}: field 'tensors.{k}.dtype' must be one of {sorted(DTYPES)}, got {dtype!r:.80}")
         shapes[k], dtypes = tuple(shape), dtypes | {dtype}
     _check_names_shapes(shapes, want, f"{where} (field 'tensors')")
