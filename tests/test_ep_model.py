@@ -3,6 +3,7 @@ single-process model: loss, every gradient, masks, the sharded held-out loss, an
 experts back; FSDP2 (fully_shard) over a model holding FlexMoE layers."""
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -94,3 +95,48 @@ def test_flexolmo_model_expert_parallel():
 
 def test_fsdp2_over_flexmoe_layers():
     spawn("scenario_fsdp2", 2, __name__)
+
+
+def scenario_evaluate_dir(rank, world):
+    import os
+
+    from flexkern.distributed.flexolmo import evaluate_model_dir
+
+    merged, data, expected = os.environ["EP_TEST_MODEL"], os.environ["EP_TEST_DATA"], os.environ["EP_TEST_LOSS"]
+    res = evaluate_model_dir(merged, expert_parallel_size=world, data=[data], opt_out=["law"], eval_tokens=256)
+    got = [res["rows"]["model"][data], res["rows"]["without law"][data]]
+    want = [float(v) for v in expected.split(",")]
+    assert all(abs(g - w) < 1e-4 for g, w in zip(got, want)), (got, want)
+    assert res["world_size"] == world
+    with pytest.raises(ValueError, match="needs 4 ranks"):
+        evaluate_model_dir(merged, expert_parallel_size=4, data=[data])
+
+
+def test_evaluate_a_merged_model_dir_expert_parallel(tmp_path, monkeypatch):
+    """A micro anchor + one owner merged (2 experts) scored over 2 ranks == scored in one process."""
+    import random
+
+    from flexkern.flexolmo.commands import evaluate_model_dir
+    from flexkern.flexolmo.merge import merge
+    from flexkern.flexolmo.train import train_anchor, train_expert
+
+    def folder(path, words, n, seed):
+        rng = random.Random(seed)
+        path.mkdir()
+        for i in range(n):
+            text = " ".join(rng.choice(words.split()) for _ in range(rng.randint(30, 60)))
+            (path / f"{i:03d}.txt").write_text(text + ".")
+        return path
+
+    public = folder(tmp_path / "public", "the a of and to in is was he she it river city king war", 60, 0)
+    law = folder(tmp_path / "law", "court shall party agreement law section herein pursuant license", 30, 2)
+    anchor = train_anchor(tmp_path / "anchor", preset="micro", data=[str(public)], steps=4, batch_size=4,
+                          embed_method="anchor", log=False)
+    package = train_expert(anchor, str(law), tmp_path / "packages", name="law", steps=2, batch_size=4, log=False)
+    merged = merge(anchor, [package], tmp_path / "merged")
+    res = evaluate_model_dir(merged, data=[str(law)], opt_out=["law"], eval_tokens=256)
+    want = [res["rows"]["model"][str(law)], res["rows"]["without law"][str(law)]]
+    monkeypatch.setenv("EP_TEST_MODEL", str(merged))
+    monkeypatch.setenv("EP_TEST_DATA", str(law))
+    monkeypatch.setenv("EP_TEST_LOSS", ",".join(repr(v) for v in want))
+    spawn("scenario_evaluate_dir", 2, __name__)
