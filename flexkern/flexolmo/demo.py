@@ -1,32 +1,37 @@
 """The whole FlexOlmo story end to end on the six example domains (``flexkern demo``).
 
-    corpora -> anchor (public = encyclopedia + literature) -> 4 owner experts (code, legal, math,
-    scripture; each trained alone on its own data) -> merge -> router tuning on proxy data ->
-    evaluation of every model and baseline on held-out data -> opt-out table -> report.md + PNGs
+    corpora -> public mix (encyclopedia + literature + a share of every owner domain) -> anchor
+    -> 4 owner experts (code, legal, math, scripture; each trained alone on its closed documents)
+    -> merge -> router tuning on classifier-picked proxy sets -> evaluation suite (held-out,
+    short-context, mixed-domain; 95% bootstrap intervals; paired comparisons) of every model and
+    baseline -> opt-out table -> report.md + PNGs
 
-Every step writes its output atomically under ``out_dir`` and is skipped when that output is
-already there, so an interrupted or repeated run only does what is missing (``force=True``
-starts over). The default settings fit a 2-core CPU in about 10 minutes.
+Every step writes its output under ``out_dir`` and is skipped when that output is already there,
+so an interrupted or repeated run only does what is missing; ``timings.json`` keeps, per stage, the
+time of the run that did it. ``force=True`` deletes only what the demo wrote (flexkern artifacts
+and the demo's own files) and starts over. Optional variants (``seeds``, ``variants``) add
+artifacts beside the base run and rows to the report.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import read_public_embedding
-from .baselines import expert_submodel, member_and_btm_losses, model_soup
-from .data import DOMAINS, OWNER_DOMAINS, PUBLIC_DOMAINS, ensure_corpora, load_documents, split_documents
-from .evaluate import average_loss, domain_losses, heldout_streams
-from .merge import load_model, mask_experts, merge, opt_out
-from .report import write_report
-from .router_tuning import proxy_streams, tune_router
-from .tokenizer import load_tokenizer
+from .data import DOMAINS, OWNER_DOMAINS, PUBLIC_DOMAINS, PUBLIC_SHARE, Corpora, build_corpora, ensure_corpora
+
+# the options that decide the base run's artifacts; a rerun must agree on them
+_BASE_FIELDS = ("preset", "max_bytes", "anchor_steps", "expert_steps", "batch_size", "seq_len", "anchor_lr",
+                "expert_lr", "embed_docs", "rt_steps", "rt_proxy_fraction", "rt_public_docs", "rt_lr",
+                "headline_top_k", "embed_method", "seed", "public_share")
+VARIANTS = ("extension", "no-bias", "random-init", "bias-dropped")
+DEMO_KIND = "demo-run"
+_DEMO_FILES = ("demo_config.json", "timings.json", "results.json", "report.md", "losses.png", "opt_out.png",
+               "rt_streams.pt", "rt_info.json", "suite.png")
 
 
 @dataclass
@@ -42,13 +47,31 @@ class DemoConfig:
     embed_docs: int = 32            # documents per domain embedding
     eval_tokens: int = 4096         # held-out tokens per domain
     rt_steps: int = 20              # router tuning
-    rt_proxy_docs: int = 4          # public documents per owner in its proxy set
-    rt_public_docs: int = 16        # plus this many public documents
+    rt_proxy_docs: int = 4          # (unused since proxy sets are sized by rt_proxy_fraction)
+    rt_proxy_fraction: float = 0.01  # a proxy set holds at most this share of its owner's bytes
+    rt_public_docs: int = 16        # public documents sampled beside the proxy sets
     rt_lr: float = 2e-3
     headline_top_k: int = 2         # the "merged" row and opt-out base (= `flexkern merge` default)
     device: str = "cpu"
     embed_method: str = "minilm"
     seed: int = 0
+    public_share: float = PUBLIC_SHARE  # of every owner domain's training documents, made public
+    short_tokens: int = 48
+    mixed_per_pair: int = 4
+    bootstrap: int = 1000
+    seeds: int = 1                  # owner-training seeds for the headline comparisons
+    variants: tuple = ()            # any of VARIANTS
+    ext_weight: float = 1.0         # extension: weight of the public-router loss
+    attribution: bool = True        # per-domain provenance figures in the report
+    topk_sweep: bool = True         # also evaluate the merged model at every top-k (not only the headline)
+
+    def __post_init__(self):
+        self.variants = tuple(self.variants)
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be a positive int, got {self.seeds!r}")
 
 
 def _say(log: bool, *msg) -> None:
@@ -56,219 +79,477 @@ def _say(log: bool, *msg) -> None:
         print(*msg, flush=True)
 
 
-class _Timer:
-    def __init__(self):
-        self.timings: dict[str, float] = {}
+class Timings:
+    """Seconds per stage, kept in ``timings.json``: a stage's entry changes only when it ran."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.timings: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.ran: set[str] = set()
 
     def __call__(self, name: str):
         timer = self
 
         class _Ctx:
             def __enter__(self):
+                if name not in timer.ran:
+                    timer.timings[name] = 0.0
+                    timer.ran.add(name)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
-                timer.timings[name] = timer.timings.get(name, 0.0) + time.perf_counter() - self.t0
+                timer.timings[name] += time.perf_counter() - self.t0
+                timer.save()
         return _Ctx()
 
+    def save(self) -> None:
+        from .checkpoint import write_json
+        write_json(self.path, self.timings)
 
-def _train_step_outputs(out: Path, cfg: DemoConfig, timer: _Timer, log: bool) -> tuple[Path, list[Path], Path]:
-    from .train import train_anchor, train_expert
+
+# ---- the run folder ---------------------------------------------------------------------------------
+def _clear_run(out: Path, log: bool) -> None:
+    """Delete what the demo wrote in ``out`` (flexkern artifacts, its own files); keep anything else."""
+    from .checkpoint import ARTIFACT_FILE, artifact_kind, remove_artifact
+
+    if not out.exists():
+        return
+    if artifact_kind(out) != DEMO_KIND and any(out.iterdir()):
+        raise ValueError(f"{out} is not a flexkern demo run folder (no {ARTIFACT_FILE} of kind {DEMO_KIND!r}); "
+                         "--force deletes only a demo's own outputs: choose another --out")
+    kept = []
+    for p in sorted(out.iterdir()):
+        if p.name == ARTIFACT_FILE:
+            continue
+        kind = artifact_kind(p)
+        if kind is not None and kind != DEMO_KIND and remove_artifact(p, kind):
+            continue
+        if p.is_dir() and p.name in ("experts", "attribution") or p.name.startswith("experts_"):
+            _clear_folder_of_artifacts(p, kept)
+            continue
+        if p.is_file() and (p.name in _DEMO_FILES or p.name.endswith(".lock")):
+            p.unlink()
+            continue
+        kept.append(p.name)
+    if kept:
+        _say(log, f"--force kept {len(kept)} entries the demo did not write: {', '.join(kept[:8])}")
+
+
+def _clear_folder_of_artifacts(folder: Path, kept: list[str]) -> None:
+    from .checkpoint import artifact_kind, remove_artifact
+
+    for q in sorted(folder.iterdir()):
+        kind = artifact_kind(q)
+        if kind is not None and remove_artifact(q, kind):
+            continue
+        if q.is_file() and q.suffix in (".html", ".png") and folder.name == "attribution":
+            q.unlink()
+            continue
+        kept.append(f"{folder.name}/{q.name}")
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _prepare_run(out: Path, cfg: DemoConfig, force: bool, log: bool) -> None:
+    from .checkpoint import ARTIFACT_FILE, artifact_kind, write_marker
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if force:
+        _clear_run(out, log)
+    out.mkdir(parents=True, exist_ok=True)
+    if artifact_kind(out) != DEMO_KIND:
+        if any(p.name != ARTIFACT_FILE for p in out.iterdir()):
+            raise ValueError(f"{out} exists and is not a demo run folder; choose another --out")
+        write_marker(out, DEMO_KIND)
+    saved = out / "demo_config.json"
+    new = dataclasses.asdict(cfg)
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        diff = [k for k in _BASE_FIELDS if old.get(k) != new.get(k)]
+        if diff:
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}: "
+                             f"{[old.get(k) for k in diff]} there); use another --out or --force")
+    from .checkpoint import write_json
+    write_json(saved, new)
+
+
+# ---- training -------------------------------------------------------------------------------------
+def _train_common(cfg: DemoConfig, log: bool) -> dict:
+    return dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, device=cfg.device, log=log,
+                embed_docs=cfg.embed_docs, heldout_fraction=0.0)  # documents come pre-split
+
+
+def _anchor(out: Path, cfg: DemoConfig, corpora: Corpora, timer: Timings, log: bool) -> Path:
+    from .train import train_anchor
 
     anchor_dir = out / "anchor"
-    common = dict(batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_bytes=cfg.max_bytes, device=cfg.device,
-                  seed=cfg.seed, log=log, embed_docs=cfg.embed_docs)
-    if not (anchor_dir / "config.json").exists():
-        _say(log, f"== anchor: public data {', '.join(PUBLIC_DOMAINS)}, {cfg.anchor_steps} steps")
-        with timer("anchor"):
-            train_anchor(anchor_dir, preset=cfg.preset, data=PUBLIC_DOMAINS, steps=cfg.anchor_steps,
-                         lr=cfg.anchor_lr, embed_method=cfg.embed_method, **common)
-    else:
+    if (anchor_dir / "config.json").exists():
         _say(log, f"== anchor: {anchor_dir} exists, skipped")
+        return anchor_dir
+    pub = corpora.public_docs()
+    _say(log, f"== anchor: public mix of {len(pub)} documents ({', '.join(PUBLIC_DOMAINS)} + "
+              f"{cfg.public_share:.0%} of each owner domain), {cfg.anchor_steps} steps")
+    with timer("anchor"):
+        train_anchor(anchor_dir, preset=cfg.preset, data=[pub], steps=cfg.anchor_steps, lr=cfg.anchor_lr,
+                     embed_method=cfg.embed_method, seed=cfg.seed, **_train_common(cfg, log))
+    return anchor_dir
+
+
+def _experts(out: Path, anchor_dir: Path, cfg: DemoConfig, corpora: Corpora, timer: Timings, log: bool,
+             folder: str = "experts", seed: int | None = None, variant: str | None = None) -> list[Path]:
+    from .train import train_expert
+    from .variants import owner_training_options
+
+    seed = cfg.seed if seed is None else seed
     packages = []
     for domain in OWNER_DOMAINS:
-        pkg = out / "experts" / f"{domain}.flexpert"
+        pkg = out / folder / f"{domain}.flexpert"
         if not (pkg / "manifest.json").exists():
-            _say(log, f"== owner {domain}: trains its expert on its own data only, {cfg.expert_steps} steps")
-            with timer(f"expert {domain}"):
-                train_expert(anchor_dir, domain, pkg, name=domain, steps=cfg.expert_steps, lr=cfg.expert_lr,
-                             **common)
+            label = f"expert {domain}" + (f" ({folder})" if folder != "experts" else "")
+            _say(log, f"== owner {domain}: trains its expert on its {len(corpora.owners[domain])} closed documents "
+                      f"only, {cfg.expert_steps} steps" + (f" [{folder}]" if folder != "experts" else ""))
+            extra = owner_training_options(variant, corpora, anchor_dir, cfg, seed)
+            with timer(label):
+                train_expert(anchor_dir, corpora.owners[domain], pkg, name=domain, steps=cfg.expert_steps,
+                             lr=cfg.expert_lr, seed=seed, **extra, **_train_common(cfg, log))
         else:
             _say(log, f"== owner {domain}: {pkg} exists, skipped")
         packages.append(pkg)
-    merged_dir = out / "merged"
+    return packages
+
+
+def _merged(out: Path, anchor_dir: Path, packages: list[Path], cfg: DemoConfig, timer: Timings, log: bool,
+            name: str = "merged", drop_bias: bool = False) -> Path:
+    from .eval_suite import save_settings
+    from .merge import merge
+
+    merged_dir = out / name
     if not (merged_dir / "experts.json").exists():
-        _say(log, "== merge: anchor + " + ", ".join(p.name for p in packages))
-        with timer("merge"):
+        _say(log, f"== merge ({name}): anchor + " + ", ".join(p.name for p in packages))
+        with timer(f"merge {name}"):
             merge(anchor_dir, packages, merged_dir, top_k=cfg.headline_top_k)
-    return anchor_dir, packages, merged_dir
+            if drop_bias:
+                from .variants import drop_router_bias
+                drop_router_bias(merged_dir)
+    save_settings(merged_dir, eval_settings(cfg))
+    return merged_dir
 
 
-def _router_tuned(out: Path, anchor_dir: Path, merged_dir: Path, cfg: DemoConfig, tok, timer: _Timer,
-                  log: bool) -> torch.nn.Module:
-    """The merged model after router tuning (cached as rt_router.pt: only the router tensors)."""
-    model, names = load_model(merged_dir, cfg.device)
-    cache = out / "rt_router.pt"
-    if cache.exists():
-        state = torch.load(cache, map_location=cfg.device, weights_only=True)
-        model.load_state_dict(state, strict=False)
-        _say(log, f"== router tuning: {cache} exists, loaded")
-        return model
-    with timer("router tuning"):
-        public = [d for src in PUBLIC_DOMAINS for d in split_documents(load_documents(src, cfg.max_bytes))[0]]
-        owners = {n: split_documents(load_documents(n, cfg.max_bytes))[0] for n in names[1:]}
-        _, method = read_public_embedding(anchor_dir)  # the embedder the router rows came from
-        embedder = load_model(anchor_dir, cfg.device)[0] if method == "anchor" else None
-        streams = proxy_streams(tok, public, owners, proxy_docs=cfg.rt_proxy_docs,
-                                public_docs=cfg.rt_public_docs, embed_docs=cfg.embed_docs,
-                                method=method, model=embedder, seed=cfg.seed)
+def eval_settings(cfg: DemoConfig):
+    from .eval_suite import EvalSettings
+    return EvalSettings(seq_len=cfg.seq_len, eval_tokens=cfg.eval_tokens, max_bytes=cfg.max_bytes,
+                        public_share=cfg.public_share, short_tokens=cfg.short_tokens,
+                        mixed_per_pair=cfg.mixed_per_pair, bootstrap=cfg.bootstrap, batch_size=cfg.batch_size)
+
+
+def rt_config(cfg: DemoConfig):
+    from .router_tuning import RouterTuningConfig
+    return RouterTuningConfig(steps=cfg.rt_steps, lr=cfg.rt_lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                              proxy_fraction=cfg.rt_proxy_fraction, public_docs=cfg.rt_public_docs,
+                              owner_embed_docs=cfg.embed_docs, seed=cfg.seed)
+
+
+def _rt_streams(out: Path, corpora: Corpora, tok, cfg: DemoConfig, timer: Timings, log: bool):
+    """Proxy sets + public sample (they depend on the data only; cached in rt_streams.pt)."""
+    from .checkpoint import atomic_path, write_json
+    from .router_tuning import tuning_streams
+
+    cache, info_path = out / "rt_streams.pt", out / "rt_info.json"
+    if cache.exists() and info_path.exists():
+        return torch.load(cache, weights_only=True), json.loads(info_path.read_text())
+    with timer("proxy sets"):
+        streams, info = tuning_streams(tok, corpora.public_docs(), corpora.owners, rt_config(cfg))
+    sources = [s for s, docs in corpora.public.items() for _ in docs]
+    for name, i in info.items():
+        i["proxy_sources"] = [sources[j] for j in i["proxy_indices"]]
+    with atomic_path(cache) as tmp:
+        torch.save(streams, tmp)
+    write_json(info_path, info)
+    return streams, info
+
+
+def _router_tuned(out: Path, merged_dir: Path, streams, cfg: DemoConfig, timer: Timings, log: bool,
+                  name: str | None = None) -> Path:
+    """merged_dir after router tuning, written as its own model directory (``<merged>_rt``)."""
+    from .checkpoint import TOKENIZER_FILE, read_json, read_public_embedding, write_model_dir
+    from .eval_suite import save_settings
+    from .merge import load_model
+    from .router_tuning import tune_router
+
+    rt_dir = out / (name or f"{merged_dir.name}_rt")
+    if not (rt_dir / "experts.json").exists():
+        model, _ = load_model(merged_dir, cfg.device)
         n_proxy = sum(int(s.numel()) for k, s in streams.items() if k != "public")
-        _say(log, f"== router tuning: {cfg.rt_steps} steps on proxy sets ({n_proxy} tokens of public documents "
-                  f"closest to each owner's domain embedding) + {int(streams['public'].numel())} public tokens")
-        tune_router(model, streams, steps=cfg.rt_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                    lr=cfg.rt_lr, seed=cfg.seed, progress=log)
-    state = {k: v for k, v in model.state_dict().items() if ".router." in k}
-    tmp = cache.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(cache)
-    return model
+        _say(log, f"== router tuning ({rt_dir.name}): {cfg.rt_steps} steps on proxy sets ({n_proxy} tokens) + "
+                  f"{int(streams['public'].numel())} public tokens, all experts active")
+        c = rt_config(cfg)
+        with timer(f"router tuning {rt_dir.name}"):
+            tune_router(model, streams, steps=c.steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=c.lr,
+                        seed=c.seed, progress=log)
+        row, method = read_public_embedding(merged_dir)
+        write_model_dir(rt_dir, model.cpu(), merged_dir / TOKENIZER_FILE, row, method,
+                        read_json(merged_dir / "experts.json"))
+    save_settings(rt_dir, eval_settings(cfg))
+    return rt_dir
 
 
-def _evaluate_all(out: Path, anchor_dir: Path, merged_dir: Path, cfg: DemoConfig, timer: _Timer,
-                  log: bool) -> dict:
+# ---- evaluation -----------------------------------------------------------------------------------
+class _Evaluator:
+    """Scores models on the suite's sets and keeps every model's per-unit scores for paired tests."""
+
+    def __init__(self, sets, cfg: DemoConfig, timer: Timings, log: bool):
+        from .eval_suite import Bootstrap
+        self.sets, self.cfg, self.timer, self.log = sets, cfg, timer, log
+        self.scores: dict[str, dict] = {}
+        self.boot_cls = Bootstrap
+        self.boot = None
+
+    def add(self, label: str, model=None, scores=None) -> None:
+        from .eval_suite import score_model
+        if scores is None:
+            with self.timer("evaluation"):
+                scores = score_model(model, self.sets, self.cfg.batch_size)
+        self.scores[label] = scores
+        if self.boot is None:
+            self.boot = self.boot_cls(scores, self.cfg.bootstrap, 0)
+        s = self.boot.summarize(scores)
+        _say(self.log, f"   {label:34s} " + "  ".join(f"{k} {s[k]['avg'][0]:.3f}" for k in s))
+
+    def ensemble(self, members: dict, prefix: str = "") -> None:
+        from .eval_suite import score_ensemble
+        with self.timer("evaluation"):
+            per, mix = score_ensemble(members, self.sets, (None, 2))
+        for n, sc in per.items():
+            self.add(f"{prefix}{n} owner alone", scores=sc)
+        self.add(f"{prefix}BTM (all {len(members)} owners)", scores=mix[None])
+        self.add(f"{prefix}BTM top-2", scores=mix[2])
+
+    def summary(self) -> dict:
+        return {label: self.boot.summarize(sc) for label, sc in self.scores.items()}
+
+
+def _owners_and_btm(ev: _Evaluator, merged, names, prefix: str = "") -> None:
+    from .baselines import expert_submodel
+    ev.ensemble({n: expert_submodel(merged, [0, j]) for j, n in enumerate(names) if j}, prefix)
+
+
+def _evaluate(out: Path, anchor_dir: Path, merged_dir: Path, rt_dir: Path, corpora: Corpora, cfg: DemoConfig,
+              timer: Timings, log: bool, extra: dict) -> dict:
+    from .baselines import model_soup
+    from .eval_suite import build_eval_sets
+    from .merge import load_model, mask_experts
+    from .tokenizer import load_tokenizer
+
     tok = load_tokenizer(anchor_dir / "tokenizer.json")
-    streams = heldout_streams(tok, DOMAINS, cfg.max_bytes, seed=0)
-    L, T = cfg.seq_len, cfg.eval_tokens
-    models: dict[str, dict[str, float]] = {}
-
-    def run(label, model):
-        with timer("evaluation"):
-            models[label] = domain_losses(model, streams, L, T)
-        _say(log, f"   {label:28s} avg loss {average_loss(models[label]):.3f}")
-
-    _say(log, f"== evaluation: held-out loss on {', '.join(DOMAINS)} ({T} tokens each)")
+    sets = build_eval_sets(tok, {d: corpora.heldout[d] for d in DOMAINS}, eval_settings(cfg))
+    ev = _Evaluator(sets, cfg, timer, log)
+    _say(log, f"== evaluation: held-out ({sets['heldout'].num_tokens()} tokens), short-context "
+              f"({sets['short'].num_tokens()}), mixed-domain ({sets['mixed'].num_tokens()}) over {', '.join(DOMAINS)}")
     anchor, _ = load_model(anchor_dir, cfg.device)
-    run("public model", anchor)
+    ev.add("public model", anchor)
     merged, names = load_model(merged_dir, cfg.device)
-    owners = {n: expert_submodel(merged, [0, j]) for j, n in enumerate(names) if j}
-    with timer("evaluation"):
-        per_owner = {n: {} for n in owners}
-        btm = {}
-        for d, s in streams.items():
-            losses, btm[d] = member_and_btm_losses(owners, s, L, T)
-            for n in owners:
-                per_owner[n][d] = losses[n]
-    for n in owners:
-        models[f"{n} owner alone"] = per_owner[n]
-        _say(log, f"   {n + ' owner alone':28s} avg loss {average_loss(per_owner[n]):.3f}")
-    run("model soup", model_soup(merged, "owners"))
-    run("model soup (dense FFN avg)", model_soup(merged, "dense"))
-    models["BTM ensemble"] = btm
-    _say(log, f"   {'BTM ensemble':28s} avg loss {average_loss(btm):.3f}")
+    _owners_and_btm(ev, merged, names)
+    ev.add("model soup", model_soup(merged, "owners"))
+    ev.add("model soup (dense FFN avg)", model_soup(merged, "dense"))
     E = len(names)
-    for k in range(1, E + 1):
+    h = cfg.headline_top_k
+    for k in (range(1, E + 1) if cfg.topk_sweep else [h]):
         merged.set_top_k(k)
-        run(f"FlexOlmo top-{k}" + (" (merged)" if k == cfg.headline_top_k else ""), merged)
-    tuned = _router_tuned(out, anchor_dir, merged_dir, cfg, tok, timer, log)
-    for k in sorted({cfg.headline_top_k, E}):
-        tuned.set_top_k(k)
-        run(f"FlexOlmo top-{k} + RT", tuned)
-
-    # opt-out: mask each owner in turn on the headline model; one removal is also written as a real
-    # checkpoint without the expert and must give the same outputs as the mask
-    merged.set_top_k(cfg.headline_top_k)
-    base_label = f"FlexOlmo top-{cfg.headline_top_k} (merged)"
+        ev.add(f"FlexOlmo top-{k}" + (" (no RT)" if k == h else ""), merged)
+    merged.set_top_k(h)
+    tuned, _ = load_model(rt_dir, cfg.device)
+    headline = f"FlexOlmo top-{h} + RT"
+    ev.add(headline, tuned)
+    if E != h and cfg.topk_sweep:
+        tuned.set_top_k(E)
+        ev.add(f"FlexOlmo top-{E} + RT", tuned)
+        tuned.set_top_k(h)
+    # opt-out: mask each owner in turn on the headline model
     opt = {}
-    _say(log, f"== opt-out: remove each owner's expert from '{base_label}'")
+    _say(log, f"== opt-out: remove each owner's expert from '{headline}'")
     for n in names[1:]:
-        mask_experts(merged, [n], names)
-        with timer("evaluation"):
-            opt[n] = domain_losses(merged, streams, L, T)
-        merged.set_expert_mask(torch.ones(E, dtype=torch.bool))
-        d = n if n in DOMAINS else None
-        if d:
-            _say(log, f"   without {n:10s} {d} loss {models[base_label][d]:.3f} -> {opt[n][d]:.3f} "
-                      f"(public model {models['public model'][d]:.3f})")
-    check = _check_opt_out_checkpoint(out, merged_dir, merged, names, names[1], cfg)
-    return {"models": models, "opt_out": opt, "opt_out_base": base_label, "opt_out_check": check}
+        mask_experts(tuned, [n], names)
+        ev.add(f"without {n}", tuned)
+        opt[n] = ev.scores.pop(f"without {n}")
+        tuned.set_expert_mask(torch.ones(E, dtype=torch.bool))
+    check = _check_opt_out_checkpoint(out, rt_dir, tuned, names, names[1], cfg)
+    for label, fn in extra.items():  # variants and seeds
+        fn(ev)
+    return {"evaluator": ev, "opt_out_scores": opt, "headline": headline, "opt_out_check": check,
+            "names": names, "tuned": tuned}
 
 
 @torch.no_grad()
-def _check_opt_out_checkpoint(out: Path, merged_dir: Path, merged, names, name: str, cfg: DemoConfig) -> float:
+def _check_opt_out_checkpoint(out: Path, model_dir: Path, model, names, name: str, cfg: DemoConfig) -> float:
     """Max |logit difference| between masking ``name`` and loading a checkpoint written without it."""
-    path = out / f"merged_without_{name}"
+    from .merge import load_model, mask_experts, opt_out
+
+    path = out / f"{model_dir.name}_without_{name}"
     if not (path / "experts.json").exists():
-        opt_out(merged_dir, name, path)
+        opt_out(model_dir, name, path)
     removed, _ = load_model(path, cfg.device)
     removed.set_top_k(cfg.headline_top_k)
-    ids = torch.randint(0, merged.config.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0))
-    mask_experts(merged, [name], names)
-    diff = float((merged(ids) - removed(ids)).abs().max())
-    merged.set_expert_mask(torch.ones(len(names), dtype=torch.bool))
+    ids = torch.randint(0, model.config.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    mask_experts(model, [name], names)
+    diff = float((model(ids) - removed(ids)).abs().max())
+    model.set_expert_mask(torch.ones(len(names), dtype=torch.bool))
     return diff
 
 
-def _summary(results: dict) -> list[str]:
-    m = results["models"]
-    avg = {k: average_loss(v, results["domains"]) for k, v in m.items()}
-    base = results["opt_out_base"]
-    others = {k: v for k, v in avg.items() if "FlexOlmo" not in k}
-    best_other = min(others, key=others.get)
-    lines = [f"merged ({base}) average held-out loss {avg[base]:.3f}; best non-FlexOlmo model: "
-             f"{best_other} {avg[best_other]:.3f}; public model {avg['public model']:.3f}"]
-    beats = [k for k in others if avg[base] < avg[k]]
-    lines.append(f"merged beats {len(beats)}/{len(others)} of: {', '.join(others)}")
-    for n, losses in results["opt_out"].items():
-        if n in results["domains"]:
-            lines.append(f"opt-out {n}: {n} loss {m[base][n]:.3f} -> {losses[n]:.3f} "
-                         f"(public {m['public model'][n]:.3f}); largest change elsewhere "
-                         f"{max(abs(losses[d] - m[base][d]) for d in results['domains'] if d != n):.3f}")
+# ---- comparisons ----------------------------------------------------------------------------------
+def _comparisons(ev: _Evaluator, headline: str, names: list[str], variant_rows: dict) -> list[dict]:
+    """Paired bootstrap differences (row - headline; < 0: the row is better than the headline)."""
+    out = []
+    others = ["BTM top-2", "BTM (all %d owners)" % (len(names) - 1), "public model",
+              *[f"{n} owner alone" for n in names[1:]], "model soup", "model soup (dense FFN avg)",
+              f"FlexOlmo top-{headline.split('top-')[1].split()[0]} (no RT)", *variant_rows]
+    for other in others:
+        if other not in ev.scores:
+            continue
+        for s in ev.sets:
+            r = ev.boot.paired(ev.scores[headline], ev.scores[other], s)
+            out.append({"a": headline, "b": other, "set": s, **r})
+    return out
+
+
+def _opt_out_rows(ev: _Evaluator, opt: dict, headline: str) -> dict:
+    """Per removed owner: held-out loss per domain with intervals, and the goal checks."""
+    boot = ev.boot
+    base = boot.summarize(ev.scores[headline])
+    public = boot.summarize(ev.scores["public model"])
+    rows = {}
+    for n, sc in opt.items():
+        summ = boot.summarize(sc)
+        own = {}
+        if n in DOMAINS:
+            own = {"loss": summ["heldout"][n][0], "public": public["heldout"][n][0],
+                   "within_5pct_of_public": summ["heldout"][n][0] <= 1.05 * public["heldout"][n][0]}
+        moves = {}
+        for d in DOMAINS:
+            if d == n:
+                continue
+            b = base["heldout"][d]
+            delta = summ["heldout"][d][0] - b[0]
+            half = (b[2] - b[1]) / 2
+            moves[d] = {"delta": delta, "base_half_width": half, "within": abs(delta) < half,
+                        "paired": boot.paired(sc, ev.scores[headline], "heldout", d)}
+        rows[n] = {"summary": summ, "own": own, "others": moves}
+    return rows
+
+
+def _summary_lines(res: dict) -> list[str]:
+    s = res["suite"]
+    h = res["headline"]
+    lines = []
+    for set_name in s[h]:
+        hv = s[h][set_name]["avg"]
+        lines.append(f"{set_name}: {h} {hv[0]:.3f} [{hv[1]:.3f}, {hv[2]:.3f}]")
+    for c in res["comparisons"]:
+        if c["b"] in ("BTM top-2", "public model") or "(no RT)" in c["b"]:
+            lines.append(f"  {c['set']:8s} {h} - {c['b']}: {c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+                         + (" significant" if c["significant"] else ""))
+    for n, r in res["opt_out_detail"].items():
+        if r["own"]:
+            o = r["own"]
+            worst = max(r["others"].items(), key=lambda kv: abs(kv[1]["delta"]))
+            lines.append(f"opt-out {n}: {n} {o['loss']:.3f} (public {o['public']:.3f}, within 5%: "
+                         f"{o['within_5pct_of_public']}); largest move elsewhere {worst[0]} {worst[1]['delta']:+.3f} "
+                         f"(interval half-width {worst[1]['base_half_width']:.3f})")
     return lines
 
 
+# ---- entry point ----------------------------------------------------------------------------------
 def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True, force: bool = False,
              log: bool = True, **overrides) -> dict:
     """Run (or finish) the demo in ``out_dir``; returns the results dict also saved as results.json.
 
-    ``overrides``: any ``DemoConfig`` field (anchor_steps, expert_steps, max_bytes, eval_tokens, ...).
+    ``overrides``: any ``DemoConfig`` field (anchor_steps, expert_steps, max_bytes, eval_tokens,
+    seeds, variants, ...).
     """
+    from .report import write_report
+    from .tokenizer import load_tokenizer
+    from .variants import variant_stage
+
     cfg = DemoConfig(preset=preset, **overrides)
     out = Path(out_dir)
-    if force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    saved_cfg = out / "demo_config.json"
-    if saved_cfg.exists() and json.loads(saved_cfg.read_text()) != dataclasses.asdict(cfg):
-        raise ValueError(f"{out} holds a run with other settings ({saved_cfg}); use another out_dir or force=True")
-    saved_cfg.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    timer = _Timer()
+    _prepare_run(out, cfg, force, log)
+    timer = Timings(out / "timings.json")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     if install:
         with timer("install corpora"):
             ensure_corpora(quiet=not log)
-    anchor_dir, _, merged_dir = _train_step_outputs(out, cfg, timer, log)
+    corpora = build_corpora(cfg.max_bytes, cfg.public_share, seed=0)
+    anchor_dir = _anchor(out, cfg, corpora, timer, log)
+    packages = _experts(out, anchor_dir, cfg, corpora, timer, log)
+    merged_dir = _merged(out, anchor_dir, packages, cfg, timer, log)
+    tok = load_tokenizer(anchor_dir / "tokenizer.json")
+    streams, rt_info = _rt_streams(out, corpora, tok, cfg, timer, log)
+    rt_dir = _router_tuned(out, merged_dir, streams, cfg, timer, log)
+
+    stage = dict(out=out, anchor_dir=anchor_dir, corpora=corpora, cfg=cfg, timer=timer, log=log, streams=streams,
+                 experts=_experts, merged=_merged, router_tuned=_router_tuned, owners_and_btm=_owners_and_btm)
+    extra, variant_rows = {}, {}
+    for v in cfg.variants:
+        extra[v], variant_rows[v] = variant_stage(v, stage)
+    if cfg.seeds > 1:
+        extra["seeds"], _ = variant_stage("seeds", stage)
+    res = _evaluate(out, anchor_dir, merged_dir, rt_dir, corpora, cfg, timer, log, extra)
+    ev = res["evaluator"]
     results = {"domains": list(DOMAINS), "public_domains": list(PUBLIC_DOMAINS),
-               "owner_domain": {d: d for d in OWNER_DOMAINS}, "config": dataclasses.asdict(cfg)}
-    results.update(_evaluate_all(out, anchor_dir, merged_dir, cfg, timer, log))
-    timer.timings["total (this invocation)"] = time.perf_counter() - t0
-    results["timings"] = timer.timings
-    results["notes"] = [
-        f"Data: up to {cfg.max_bytes:,} bytes per domain, 10% of documents held out (deterministic split); "
-        f"public model trained on {' + '.join(PUBLIC_DOMAINS)}; owners on one domain each.",
-        "'X owner alone' is owner X's own 2-expert model [public FFN, X's FFN] exactly as trained.",
-        "Model soup: uniform average of the owners' models; '(dense FFN avg)': the owners' FFNs averaged "
-        "into one dense FFN. BTM: the owners' models' next-token distributions mixed per position with "
-        "weights softmax(log-likelihood of the window so far).",
-        f"RT: router tuning ({cfg.rt_steps} steps, router rows only, all experts active) on the "
-        f"{cfg.rt_proxy_docs} public documents closest to each owner's domain embedding plus "
-        f"{cfg.rt_public_docs} public documents. The public corpora here hold no code, legal, math or "
-        "scripture text, so these proxy sets cannot show the router where an owner's expert helps; "
-        "tuning on them mainly shifts tokens to the public expert.",
-        f"Opt-out by masking; a checkpoint written without expert "
-        f"'{OWNER_DOMAINS[0]}' gives the same logits (max |diff| {results['opt_out_check']:.2e}).",
-    ]
+               "owner_domain": {d: d for d in OWNER_DOMAINS}, "config": dataclasses.asdict(cfg),
+               "eval_settings": eval_settings(cfg).to_dict(), "headline": res["headline"],
+               "sets": {k: {"groups": v.groups, "tokens": v.num_tokens(),
+                            "units": {g: int(u.max()) + 1 for g, u in v.units.items()}} for k, v in ev.sets.items()},
+               "suite": ev.summary(), "rt_proxy": {n: {k: v for k, v in i.items() if k != "proxy_indices"}
+                                                   for n, i in rt_info.items()},
+               "opt_out_check": res["opt_out_check"]}
+    results["models"] = {label: {d: s["heldout"][d][0] for d in DOMAINS} for label, s in results["suite"].items()}
+    results["opt_out_base"] = res["headline"]
+    results["opt_out"] = {n: {d: ev.boot.summarize(sc)["heldout"][d][0] for d in DOMAINS}
+                          for n, sc in res["opt_out_scores"].items()}
+    results["opt_out_detail"] = _opt_out_rows(ev, res["opt_out_scores"], res["headline"])
+    results["comparisons"] = _comparisons(ev, res["headline"], res["names"], variant_rows)
+    results["variant_rows"] = variant_rows
+    seeds_info = getattr(ev, "seed_comparisons", None)
+    if seeds_info:
+        results["seed_comparisons"] = seeds_info
+    if cfg.attribution:
+        from .attribution import demo_figures
+        with timer("attribution"):
+            results["attribution"] = demo_figures(res["tuned"], res["names"], tok, corpora, out, cfg)
+    results["timings"] = dict(timer.timings)
+    results["timings_note"] = ("per stage, from the run that did it; this invocation ran: "
+                               + (", ".join(sorted(timer.ran)) or "nothing but the evaluation"))
+    results["this_invocation_s"] = time.perf_counter() - t0
+    results["notes"] = _notes(cfg, results)
     write_report(results, out, title="FlexOlmo demo: public model, 4 independent owners, merged")
     if log:
-        print("\n".join(["", "== summary"] + _summary(results) + [f"report: {out / 'report.md'}"]), flush=True)
+        print("\n".join(["", "== summary"] + _summary_lines(results) + [f"report: {out / 'report.md'}"]), flush=True)
     return results
+
+
+def _notes(cfg: DemoConfig, results: dict) -> list[str]:
+    proxy = results["rt_proxy"]
+    return [
+        f"Data: up to {cfg.max_bytes:,} bytes per domain; 10% of every domain's documents held out "
+        f"(deterministic split). Public mix: {' + '.join(PUBLIC_DOMAINS)} training documents plus "
+        f"{cfg.public_share:.0%} of every owner domain's training documents (disjoint from that owner's "
+        "closed documents and from every held-out set); owners train on the rest of their domain.",
+        "'X owner alone' is owner X's own 2-expert model [public FFN, X's FFN] exactly as trained.",
+        "Model soup: uniform average of the owners' models; '(dense FFN avg)': the owners' FFNs averaged into "
+        "one dense FFN. BTM: the owners' models' next-token distributions mixed per position with weights "
+        "softmax(log-likelihood of the context so far); 'BTM top-2' keeps the two highest weights per "
+        "position, renormalised (the paper's baseline).",
+        f"RT: {cfg.rt_steps} steps, router rows (r_pub included) and biases only, all experts active, "
+        f"windows drawn uniformly from each owner's proxy set and a {cfg.rt_public_docs}-document public "
+        "sample; evaluated at the merged model's top-k. Proxy sets: per owner, a logistic regression on "
+        "MiniLM embeddings (owner documents vs the public mix) ranks the public documents; the top ones "
+        f"up to {cfg.rt_proxy_fraction:.0%} of the owner's bytes: "
+        + "; ".join(f"{n} {p['proxy_docs']} docs from {sorted(set(p['proxy_sources']))}" for n, p in proxy.items()),
+        f"Opt-out by masking; a checkpoint written without expert '{OWNER_DOMAINS[0]}' gives the same logits "
+        f"(max |diff| {results['opt_out_check']:.2e}).",
+        "Intervals: 95% percentile bootstrap over documents (mixed: over windows), "
+        f"{cfg.bootstrap} replicates, the same replicates for every model; differences are paired.",
+    ]

@@ -8,6 +8,9 @@
     owner_domain:  {expert: domain}                   which domain each expert's owner holds (optional)
     timings:       {step: seconds}                    (optional)
     notes:         [str, ...]                         (optional) lines printed under the tables
+    suite:         {label: {set: {group: [point, low, high]}}}  (optional) the evaluation suite's
+                   numbers with 95% intervals (``eval_suite``); then also comparisons, headline,
+                   opt_out_detail, seed_comparisons, rt_proxy, attribution, variant_rows
 """
 from __future__ import annotations
 
@@ -137,20 +140,123 @@ def write_report(results: dict, out_dir, title: str = "FlexOlmo demo report") ->
     _atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     plot_losses(results, out_dir / "losses.png")
     has_opt_out = plot_opt_out(results, out_dir / "opt_out.png") is not None
-    parts = [f"# {title}", "",
-             "Held-out next-token loss (nats/token, lower is better) per domain; "
-             "the average is unweighted over domains.", "", loss_table(results), "",
-             "![per-domain loss](losses.png)", ""]
+    parts = [f"# {title}", ""]
+    if results.get("suite"):
+        parts += suite_sections(results)
+    parts += ["## Held-out loss per domain" if results.get("suite") else "",
+              "Held-out next-token loss (nats/token, lower is better) per domain; "
+              "the average is unweighted over domains.", "", loss_table(results), "",
+              "![per-domain loss](losses.png)", ""]
     if has_opt_out:
         parts += ["## Opt-out", "",
                   f"Each row removes one expert from `{results['opt_out_base']}`; in brackets the change "
                   "vs the full model, the owner's own domain in bold.", "",
                   opt_out_table(results), "", "![opt-out](opt_out.png)", ""]
+    if results.get("attribution"):
+        parts += attribution_section(results["attribution"])
     if results.get("timings"):
         parts += ["## Timings", "", "| step | seconds |", "|---|---|"]
         parts += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()] + [""]
+        if results.get("timings_note"):
+            parts += [results["timings_note"] + (f"; this invocation took {results['this_invocation_s']:.0f} s."
+                                                 if "this_invocation_s" in results else "."), ""]
     if results.get("notes"):
         parts += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     path = out_dir / "report.md"
     _atomic_write_text(path, "\n".join(parts))
     return path
+
+
+# ---- the evaluation suite's sections -----------------------------------------------------------------
+def _cell(c, digits: int = 3) -> str:
+    return f"{c[0]:.{digits}f} [{c[1]:.{digits}f}, {c[2]:.{digits}f}]"
+
+
+def _diff(c: dict) -> str:
+    mark = " *" if c["significant"] else ""
+    return f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]{mark}"
+
+
+def suite_sections(results: dict) -> list[str]:
+    """Markdown: headline table (3 sets, intervals), comparisons, per-domain short-context, opt-out goals."""
+    suite, head = results["suite"], results.get("headline")
+    sets = [s for s in ("heldout", "short", "mixed") if any(s in v for v in suite.values())]
+    info = results.get("sets", {})
+    out = ["## Summary: three evaluations, 95% bootstrap intervals", "",
+           "Loss in nats/token (lower is better), averaged over domains; in brackets the 95% interval "
+           "(bootstrap over documents). " + "; ".join(
+               f"**{s}**: {info[s]['tokens']} predicted tokens" for s in sets if s in info) + ".", "",
+           "| model | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for label, v in suite.items():
+        cells = [_cell(v[s]["avg"]) if s in v else "" for s in sets]
+        name = f"**{label}**" if label == head else label
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("")
+    comps = results.get("comparisons") or []
+    if comps:
+        out += ["## Paired differences", "",
+                f"`{head}` minus each row (negative: `{head}` is better), paired bootstrap over the same "
+                "documents; `*` = the 95% interval excludes 0.", "",
+                "| compared with | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+        by = {}
+        for c in comps:
+            by.setdefault(c["b"], {})[c["set"]] = c
+        for b, cs in by.items():
+            out.append(f"| {b} | " + " | ".join(_diff(cs[s]) if s in cs else "" for s in sets) + " |")
+        out.append("")
+    seeds = results.get("seed_comparisons") or []
+    if seeds:
+        out += [f"### Over {seeds[0]['seeds']} owner-training seeds", "",
+                "Mean over seeds of the paired difference; interval from a two-level bootstrap (seeds, "
+                "then documents).", "", "| a − b | set | diff | per seed |", "|---|---|---|---|"]
+        for c in seeds:
+            out.append(f"| {c['a']} − {c['b']} | {c['set']} | {_diff(c)} | "
+                       + ", ".join(f"{x:+.3f}" for x in c["per_seed"]) + " |")
+        out.append("")
+    domains = results["domains"]
+    if "short" in sets:
+        out += ["## Short-context loss per domain", "",
+                "The first tokens of every held-out document (no earlier context).", "",
+                "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+        for label, v in suite.items():
+            if "short" in v:
+                out.append(f"| {label} | " + " | ".join(_cell(v["short"][d], 2) for d in domains) + " |")
+        out.append("")
+    detail = results.get("opt_out_detail")
+    if detail:
+        out += ["## Opt-out goals", "",
+                f"Each owner masked in `{results.get('opt_out_base')}`. Goal: its domain within 5% of the "
+                "public model, every other domain moving less than half the width of its 95% interval.", "",
+                "| removed | own domain loss (public) | within 5% | largest move elsewhere | all others within |",
+                "|---|---|---|---|---|"]
+        for n, r in detail.items():
+            own = r["own"]
+            worst = max(r["others"].items(), key=lambda kv: abs(kv[1]["delta"]))
+            allin = all(m["within"] for m in r["others"].values())
+            own_cell = f"{own['loss']:.3f} ({own['public']:.3f})" if own else "—"
+            out.append(f"| {n} | {own_cell} | {own.get('within_5pct_of_public', '—')} | {worst[0]} "
+                       f"{worst[1]['delta']:+.3f} (half-width {worst[1]['base_half_width']:.3f}) | {allin} |")
+        out.append("")
+    proxy = results.get("rt_proxy")
+    if proxy:
+        out += ["## Proxy sets for router tuning", "", "| owner | documents | bytes (budget) | from | classifier train acc |",
+                "|---|---|---|---|---|"]
+        for n, p in proxy.items():
+            src = ", ".join(f"{s} {p['proxy_sources'].count(s)}" for s in sorted(set(p.get("proxy_sources", []))))
+            out.append(f"| {n} | {p['proxy_docs']} | {p['proxy_bytes']} ({p['budget_bytes']}) | {src} | "
+                       f"{p['classifier_train_accuracy']:.2f} |")
+        out.append("")
+    return out
+
+
+def attribution_section(att: dict) -> list[str]:
+    out = ["## Provenance per token", "", f"Share of each expert in a token's FFN output: {att['definition']}.", ""]
+    for dom, d in att["domains"].items():
+        top = max(d["mean_share"], key=d["mean_share"].get)
+        out += [f"**{dom}** (mean share: " + ", ".join(f"{k} {v:.2f}" for k, v in d["mean_share"].items())
+                + f"; largest: {top}) — [page]({d['html']})", "", f"![{dom}]({d['png']})", ""]
+    if att.get("opt_out"):
+        o = att["opt_out"]
+        out += [f"With `{o['removed']}` opted out its share goes from {o['share_before']:.2f} (mean) to "
+                f"{o['share_after']:.2f} (max over tokens):", "", f"![opted out]({o['png']})", ""]
+    return out

@@ -454,8 +454,10 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
                  max_bytes: int | None = None, heldout_fraction: float = 0.1,
                  warmup_steps: int | None = None, checkpoint_every: int = 25, ckpt_dir=None,
                  log: bool = True, embed_docs: int = 256, callback: Callback | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, own_row: torch.Tensor | None = None) -> Path:
     """Train one owner's expert on ``source`` and write ``NAME.flexpert``; returns the package path.
+
+    ``own_row``: the owner's initial router row (d_model,) instead of its domain embedding (ablations).
 
     ``source``: a domain name, a folder of text files, or a list of documents (then give ``name``).
     ``out_path``: the package folder (``*.flexpert``) or a folder to put ``NAME.flexpert`` in.
@@ -495,7 +497,11 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
         if seq_len > cfg.seq_len:
             raise ValueError(f"seq_len={seq_len} exceeds the anchor's seq_len={cfg.seq_len}")
         docs = _train_docs(source, max_bytes, heldout_fraction)
-        own_row = _embedding(docs, method, anchor, tok, cfg.d_model, embed_docs)
+        if own_row is None:
+            own_row = _embedding(docs, method, anchor, tok, cfg.d_model, embed_docs)
+        elif tuple(own_row.shape) != (cfg.d_model,):
+            raise ValueError(f"own_row must have shape ({cfg.d_model},), got {tuple(own_row.shape)}")
+        own_row = own_row.detach().float().cpu()
         model = owner_model(anchor, public_row, own_row)
         sched = _schedule(steps, batch_size, lr, seq_len, warmup_steps, seed)
         sampler = WindowSampler(encode_documents(tok, docs), seq_len, seed)

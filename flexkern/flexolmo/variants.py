@@ -1,0 +1,188 @@
+"""Variants of the demo's method: the extension, ablations and extra owner-training seeds.
+
+    extension     during owner training, after every optimizer step, one more step on the owner's
+                  router row and bias only: on a batch of *public* windows (public data, which every
+                  owner has), a logistic loss softplus(r_own.h + min(b_own, 0) - r_pub.h) pushes the
+                  owner's logit below the frozen public row's, so the row learns to lose off-domain.
+                  The public expert and r_pub stay frozen (checked bit-identical before the package
+                  is written) and the owner's private data stays private. Its own Adam state is not
+                  checkpointed: a resumed extension run is not bit-identical to an uninterrupted one.
+    no-bias       the owner's bias is held at 0 during training (reset after every step).
+    random-init   the owner's router row starts random (same norm as the domain embedding) instead
+                  of the mean domain embedding (needs train_expert's own_row= keyword).
+    bias-dropped  the base owners, merged with their biases set to 0 (what the released FlexOlmo
+                  merge script does).
+    seeds         the owners trained again with seeds 1..N-1 (merged and router-tuned each), for the
+                  headline comparisons over seeds.
+
+Every variant writes its own artifacts beside the base run (experts_<v>/, merged_<v>/,
+merged_<v>_rt/) and adds rows to the report.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .tokenizer import encode_documents
+
+
+def public_router_callback(public_stream: torch.Tensor, weight: float, lr: float, batch_size: int,
+                           seq_len: int, seed: int):
+    """The extension's step, as a ``train_expert`` callback(step, loss, model)."""
+    n_windows = (public_stream.numel() - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError("the public stream is too short for one window")
+    state: dict = {}
+
+    def callback(step: int, loss: float, model) -> None:
+        layers = model.moe_layers()
+        if "opt" not in state:
+            params = [p for m in layers for p in (m.router.weight, m.router.bias)]
+            state["opt"] = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+        device = layers[0].router.weight.device
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, n_windows, (batch_size,), generator=gen).tolist()
+        ids = torch.stack([public_stream[i * seq_len:(i + 1) * seq_len] for i in idx]).to(device)
+        h = []
+        hooks = [m.register_forward_pre_hook(lambda mod, args: h.append(args[0].detach().flatten(0, -2)))
+                 for m in layers]
+        try:
+            with torch.no_grad():
+                model(ids)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        total = 0.0
+        for m, h_TD in zip(layers, h):
+            logits_T2 = h_TD @ m.router.weight.T
+            margin_T = logits_T2[:, 1] + torch.clamp(m.router.bias[1], max=0) - logits_T2[:, 0]
+            total = total + F.softplus(margin_T).mean()
+        opt = state["opt"]
+        opt.zero_grad(set_to_none=True)
+        (weight * total / len(layers)).backward()
+        for m in layers:  # the public expert's row and bias stay exactly as they are
+            m.router.weight.grad[0].zero_()
+            m.router.bias.grad[0].zero_()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for m in layers:
+                m.router.bias.clamp_(max=0.0)
+
+    return callback
+
+
+def zero_bias_callback(step: int, loss: float, model) -> None:
+    """no-bias ablation: the owner's bias stays 0 (so min(b, 0) contributes nothing)."""
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.router.bias.zero_()
+
+
+def _random_row(anchor_dir, cfg, seed: int) -> torch.Tensor:
+    from .checkpoint import read_public_embedding
+    row, _ = read_public_embedding(anchor_dir)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    r = torch.randn(row.shape, generator=g)
+    return r / r.norm() * row.norm()
+
+
+def owner_training_options(variant: str | None, corpora, anchor_dir, cfg, seed: int) -> dict:
+    """Extra ``train_expert`` keywords for a variant's owners."""
+    if variant in (None, "seeds", "bias-dropped"):
+        return {}
+    if variant == "no-bias":
+        return {"callback": zero_bias_callback}
+    if variant == "extension":
+        from .tokenizer import load_tokenizer
+        tok = load_tokenizer(anchor_dir / "tokenizer.json")
+        stream = encode_documents(tok, corpora.public_docs())
+        return {"callback": public_router_callback(stream, cfg.ext_weight, cfg.expert_lr, max(1, cfg.batch_size // 2),
+                                                   cfg.seq_len, seed)}
+    if variant == "random-init":
+        from .train import train_expert
+        if "own_row" not in inspect.signature(train_expert).parameters:
+            raise NotImplementedError("random-init needs train_expert(own_row=...)")
+        return {"own_row": _random_row(anchor_dir, cfg, seed)}
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+@torch.no_grad()
+def drop_router_bias(model_dir) -> None:
+    """Rewrite a merged model directory with every router bias set to 0 (kept: eval_settings.json)."""
+    from .checkpoint import TOKENIZER_FILE, read_json, read_public_embedding, write_model_dir
+    from .merge import load_model
+
+    model, _ = load_model(model_dir)
+    for m in model.moe_layers():
+        m.router.bias.zero_()
+    row, method = read_public_embedding(model_dir)
+    info = read_json(model_dir / "experts.json")
+    import shutil
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / TOKENIZER_FILE
+        shutil.copyfile(Path(model_dir) / TOKENIZER_FILE, tok)
+        write_model_dir(model_dir, model, tok, row, method, info, overwrite=True)
+
+
+LABELS = {"extension": "extension (public-router loss)", "no-bias": "no router bias",
+          "random-init": "random router init", "bias-dropped": "bias dropped at merge"}
+
+
+def variant_stage(variant: str, st: dict):
+    """Train/merge/tune what ``variant`` needs now; returns (evaluate(ev), {row label: variant})."""
+    out, cfg, log, timer = st["out"], st["cfg"], st["log"], st["timer"]
+    h = cfg.headline_top_k
+    if variant == "seeds":
+        runs = []
+        for s in range(1, cfg.seeds):
+            pk = st["experts"](out, st["anchor_dir"], cfg, st["corpora"], timer, log, folder=f"experts_seed{s}",
+                               seed=s)
+            md = st["merged"](out, st["anchor_dir"], pk, cfg, timer, log, name=f"merged_seed{s}")
+            runs.append((s, md, st["router_tuned"](out, md, st["streams"], cfg, timer, log)))
+
+        def evaluate_seeds(ev):
+            from .eval_suite import seeds_paired
+            from .merge import load_model
+            headline, base = f"FlexOlmo top-{h} + RT", f"FlexOlmo top-{h} (no RT)"
+            per = {"rt": [ev.scores[headline]], "nort": [ev.scores[base]], "btm2": [ev.scores["BTM top-2"]],
+                   "public": [ev.scores["public model"]]}
+            for s, md, rt in runs:
+                merged, names = load_model(md, cfg.device)
+                ev.add(f"seed {s}: {base}", merged)
+                st["owners_and_btm"](ev, merged, names, prefix=f"seed {s}: ")
+                tuned, _ = load_model(rt, cfg.device)
+                ev.add(f"seed {s}: {headline}", tuned)
+                per["rt"].append(ev.scores[f"seed {s}: {headline}"])
+                per["nort"].append(ev.scores[f"seed {s}: {base}"])
+                per["btm2"].append(ev.scores[f"seed {s}: BTM top-2"])
+                per["public"].append(ev.scores["public model"])
+            ev.seed_comparisons = [
+                {"a": headline, "b": b_label, "set": set_name, "seeds": cfg.seeds,
+                 **seeds_paired(per["rt"], per[key], ev.boot, set_name)}
+                for key, b_label in (("btm2", "BTM top-2"), ("nort", base), ("public", "public model"))
+                for set_name in ev.sets]
+        return evaluate_seeds, {}
+
+    label = LABELS[variant]
+    if variant == "bias-dropped":
+        pk = [out / "experts" / f"{d}.flexpert" for d in st["corpora"].owners]
+    else:
+        pk = st["experts"](out, st["anchor_dir"], cfg, st["corpora"], timer, log, folder=f"experts_{variant}",
+                           variant=variant)
+    md = st["merged"](out, st["anchor_dir"], pk, cfg, timer, log, name=f"merged_{variant}",
+                      drop_bias=variant == "bias-dropped")
+    rt = st["router_tuned"](out, md, st["streams"], cfg, timer, log)
+    rows = {f"{label}: top-{h} (no RT)": variant, f"{label}: top-{h} + RT": variant}
+
+    def evaluate_variant(ev):
+        from .merge import load_model
+        merged, _ = load_model(md, cfg.device)
+        ev.add(f"{label}: top-{h} (no RT)", merged)
+        tuned, _ = load_model(rt, cfg.device)
+        ev.add(f"{label}: top-{h} + RT", tuned)
+    return evaluate_variant, rows
