@@ -97,8 +97,8 @@ def _command(sub, name: str, *, help: str, description: str, check: Callable, ru
     return p
 
 
-def _add_out(p, kind: str, help: str, required: bool = True, default=None) -> None:
-    p.add_argument("--out", required=required, default=default, help=help)
+def _add_out(p, kind: str, help: str) -> None:
+    p.add_argument("--out", required=True, help=help)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(kind=kind))
 
 
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                  check=_merge_check, run=_merge_run, interrupted=_atomic)
     p.add_argument("--anchor", required=True, help="anchor directory")
     p.add_argument("--packages", nargs="+", required=True, help="NAME.flexpert folders")
-    _add_out(p, "merged", "merged model directory to write")
+    _add_out(p, "merged model", "merged model directory to write")
     p.add_argument("--top-k", type=POS_INT, default=None, help="active experts per token (default: 2)")
 
     p = _command(sub, "evaluate", help="held-out loss and perplexity per domain",
@@ -443,21 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
                  check=_opt_out_check, run=_opt_out_run, interrupted=_atomic)
     p.add_argument("--model", required=True, help="merged model directory")
     p.add_argument("--name", required=True, help="expert to remove")
-    _add_out(p, "merged", "model directory to write")
+    _add_out(p, "merged model", "model directory to write")
 
     p = _command(sub, "opt-in", help="write a copy of a merged model with one more expert",
                  description="Write a new model directory with the package's expert appended; no training.",
                  check=_opt_in_check, run=_opt_in_run, interrupted=_atomic)
     p.add_argument("--model", required=True, help="merged (or anchor) model directory")
     p.add_argument("--package", required=True, help="NAME.flexpert folder")
-    _add_out(p, "merged", "model directory to write")
+    _add_out(p, "merged model", "model directory to write")
 
     p = _command(sub, "tune-router", help="train only the router rows on small proxy sets",
                  description="Router tuning: every expert active, only router rows and biases train, on the "
                              "public documents closest to each owner's domain embedding plus a public sample.",
                  check=_tune_router_check, run=_tune_router_run, interrupted=_atomic)
     p.add_argument("--model", required=True, help="merged model directory")
-    _add_out(p, "merged", "tuned model directory to write")
+    _add_out(p, "merged model", "tuned model directory to write")
     p.add_argument("--owner", action="append", default=[], metavar="NAME=SOURCE",
                    help="an owner's data, used on its side to pick its proxy documents (repeatable; default: none)")
     p.add_argument("--public", nargs="+", default=None,

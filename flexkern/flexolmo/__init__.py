@@ -11,4 +11,6 @@ Map (each module one job; import them directly, nothing heavy is imported here):
     checkpoint    atomic, hash-verified model directories and files
     distributed   torchrun process-group set-up
     router_tuning, evaluate, baselines, report, demo   evaluation side
+    commands      what the CLI's evaluate and tune-router call (a model directory in, results out)
+    defaults      the commands' default settings, torch-free (the CLI's --help reads them)
 """
