@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 
 from flexkern.flexolmo import checkpoint
 from flexkern.flexolmo.checkpoint import (ARTIFACT_FILE, CheckpointError, OutputError, OutputLockedError,
-                                          artifact_kind, load_tensors, output_lock, read_model_dir,
-                                          read_public_embedding, save_tensors, write_model_dir)
+                                          artifact_kind, load_tensors, read_public_embedding, save_tensors,
+                                          write_model_dir)
 from flexkern.flexolmo.merge import MergeError, load_model, mask_experts, merge, opt_in, opt_out
 from flexkern.flexolmo.model import tensor_sha256
 from flexkern.flexolmo.package import PackageError, load_package, save_package
@@ -224,6 +224,21 @@ def test_kill_between_the_renames_is_finished_by_the_next_run(world, tmp_path, m
     assert snapshot(out) != old and hidden_or_lock(tmp_path) == []
 
 
+def test_folder_made_at_the_path_after_a_kill_is_kept(world, tmp_path, monkeypatch):
+    out = tmp_path / "m"
+    merge(world.anchor, [world.code], out, top_k=1)
+    with monkeypatch.context() as m:
+        _kill_between_renames(m)
+        with pytest.raises(_Killed):
+            merge(world.anchor, [world.code], out, top_k=2, overwrite=True)
+    out.mkdir()
+    (out / "mine.txt").write_text("made after the kill")
+    before = snapshot(out)
+    with pytest.raises(OutputError, match="not a flexkern artifact"):
+        merge(world.anchor, [world.code], out, overwrite=True)
+    assert snapshot(out) == before and hidden_or_lock(tmp_path) == []
+
+
 def test_incomplete_build_and_orphaned_old_are_rolled_back(world, tmp_path, monkeypatch):
     out = tmp_path / "m"
     merge(world.anchor, [world.code], out, top_k=1)
@@ -270,7 +285,8 @@ def test_lock_held_by_another_process_refuses_then_stale_lock_is_taken_over(worl
     assert (tmp_path / "pkgs" / "code.flexpert.lock").exists()
     capfd.readouterr()
     train_expert(world.anchor, CODE, out, name="code", **EXPERT)
-    assert f"took over the stale lock" in capfd.readouterr().err and str(holder.pid)
+    err = capfd.readouterr().err
+    assert "took over the stale lock" in err and f"of process {holder.pid} " in err
     load_package(out)
     assert hidden_or_lock(tmp_path / "pkgs") == []
 
@@ -465,6 +481,13 @@ def test_malformed_model_dirs_give_checkpoint_errors(world, tmp_path):
     state["blocks.0.ffn.router.weight"][1, 0] = float("nan")
     save_tensors(d / "model.safetensors", state, meta)
     with pytest.raises(CheckpointError, match="blocks.0.ffn.router.weight.*NaN"):
+        load_model(d)
+    d = copy("frozen_wrong_length")
+    state, meta = load_tensors(d / "model.safetensors")
+    assert "blocks.0.ffn.expert_frozen" in state
+    state["blocks.0.ffn.expert_frozen"] = torch.zeros(3, dtype=torch.bool)
+    save_tensors(d / "model.safetensors", state, meta)
+    with pytest.raises(CheckpointError, match="expert_frozen.*needs torch.bool"):
         load_model(d)
     d = copy("double_weights")
     state, meta = load_tensors(d / "model.safetensors")

@@ -309,6 +309,11 @@ def _finish_swap(path: Path) -> str | None:
     if os.path.lexists(tmp):  # an incomplete build: roll back
         shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else os.unlink(tmp)
         done = f"removed the incomplete {tmp.name} of an interrupted write of {path}"
+    if new.is_dir() and os.path.lexists(path) and not (
+            _is_empty_dir(path) or artifact_kind(path) not in (None,) and artifact_kind(path) == artifact_kind(new)):
+        # something else took the path since the swap was interrupted: keep it, drop our version
+        shutil.rmtree(new)
+        done = f"dropped an interrupted write of {path}: the path now holds something else, which is kept"
     if new.is_dir():  # complete: finish the swap
         if os.path.lexists(path):
             if old.exists():
@@ -331,7 +336,7 @@ def recover_output(path, *, wait: bool = True) -> str | None:
     Takes the output's lock; with ``wait=False`` a lock held by a live process is left alone
     (that process is mid-write) and None is returned."""
     path = Path(path)
-    if not _leftovers(path):
+    if path.name in ("", ".", "..") or not _leftovers(path):
         return None
     try:
         with output_lock(path):
@@ -350,6 +355,7 @@ def claim_output(path, kind: str | None, *, overwrite: bool = False, inputs=()):
     """Lock ``path``, finish any interrupted swap there, and check it may be written (check_output).
     Hold it around a whole command so the checks hold until the output is in place."""
     path = Path(path)
+    recover_output(path)  # only when an interrupted swap left something (then the parent exists)
     check_output(path, kind, overwrite=overwrite, inputs=inputs)  # refuse before creating anything
     with output_lock(path):
         done = _finish_swap(path)
