@@ -44,13 +44,17 @@ def spawn(scenario: str, world: int, module: str = __name__) -> None:
     rank's traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, (world, free_port(), module, scenario, errors), nprocs=world,
-                       start_method="spawn")
+    crash = None
+    try:
+        mp.start_processes(_worker, (world, free_port(), module, scenario, errors), nprocs=world,
+                           start_method="spawn")
+    except mp.ProcessExitedException as exc:  # a rank died (e.g. a peer left mid-collective)
+        crash = exc
     failures = []
     while not errors.empty():
         failures.append(errors.get())
-    if failures:
-        pytest.fail("\n".join(f"rank {r}:\n{tb}" for r, tb in sorted(failures)))
+    if failures or crash:
+        pytest.fail("\n".join(f"rank {r}:\n{tb}" for r, tb in sorted(failures)) + f"\n{crash or ''}")
 
 
 # ---- scenarios (run on every rank) ------------------------------------------------------------------

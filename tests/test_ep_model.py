@@ -63,6 +63,17 @@ def scenario_model(rank, world):
     stream = torch.randint(0, cfg.vocab_size, (8 * 21 + 1,), generator=torch.Generator().manual_seed(2))
     sharded = stream_loss(model, stream, 8, batch_size=2)
     assert abs(sharded - stream_loss_one(ref, stream, 8, batch_size=2)) < 1e-5
+    # router tuning on the expert-parallel model (the same batches on every rank) == one process
+    from flexkern.flexolmo.router_tuning import tune_router
+    streams = {"a": stream, "b": stream.flip(0)}
+    tuned_ref = copy.deepcopy(ref)
+    tuned_ep = expert_parallel(copy.deepcopy(ref))
+    tune_router(tuned_ref, streams, steps=2, batch_size=2, lr=1e-2, progress=False)
+    tune_router(tuned_ep, streams, steps=2, batch_size=2, lr=1e-2, progress=False)
+    for a, b in zip(tuned_ep.moe_layers(), tuned_ref.moe_layers()):
+        assert not torch.equal(b.router.weight, ref.moe_layers()[0].router.weight)
+        torch.testing.assert_close(a.router.weight, b.router.weight, **TOL)
+        torch.testing.assert_close(a.router.bias, b.router.bias, **TOL)
     gather_experts(model)
     assert not any(isinstance(m, ExpertParallelMoE) for m in model.modules())
     state = ref.state_dict()
@@ -97,10 +108,19 @@ def test_fsdp2_over_flexmoe_layers():
     spawn("scenario_fsdp2", 2, __name__)
 
 
-def scenario_evaluate_dir(rank, world):
+def _as_minilm_model(checkpoint_module):
+    """Pretend the test model's router rows came from MiniLM (router tuning refuses anchor-embedded
+    models, and a MiniLM-width model is too big for a unit test); the proxy classifier still runs."""
+    orig = checkpoint_module.read_public_embedding
+    return lambda d: (orig(d)[0], "minilm")
+
+
+def scenario_model_dirs(rank, world):
     import os
 
-    from flexkern.distributed.flexolmo import evaluate_model_dir
+    from flexkern.distributed.flexolmo import evaluate_model_dir, tune_router_dir
+    from flexkern.flexolmo import checkpoint
+    from flexkern.flexolmo.merge import load_model
 
     merged, data, expected = os.environ["EP_TEST_MODEL"], os.environ["EP_TEST_DATA"], os.environ["EP_TEST_LOSS"]
     res = evaluate_model_dir(merged, expert_parallel_size=world, data=[data], opt_out=["law"], eval_tokens=256)
@@ -110,13 +130,26 @@ def scenario_evaluate_dir(rank, world):
     assert res["world_size"] == world
     with pytest.raises(ValueError, match="needs 4 ranks"):
         evaluate_model_dir(merged, expert_parallel_size=4, data=[data])
+    # router tuning expert-parallel == in one process (os.environ["EP_TEST_TUNED"], written by the parent)
+    checkpoint.read_public_embedding = _as_minilm_model(checkpoint)
+    out = os.environ["EP_TEST_TUNED"] + "-ep"
+    _, losses = tune_router_dir(merged, out, expert_parallel_size=world, owners={"law": data},
+                                public=[os.environ["EP_TEST_PUBLIC"]], steps=2, batch_size=2, max_bytes=20000)
+    if rank == 0:
+        want_model, _ = load_model(os.environ["EP_TEST_TUNED"])
+        got_model, _ = load_model(out)
+        ref = dict(want_model.named_parameters())
+        for name, p in got_model.named_parameters():
+            torch.testing.assert_close(p, ref[name], **TOL, msg=lambda s: f"{name}: {s}")
+        assert [float(v) for v in os.environ["EP_TEST_RT_LOSSES"].split(",")] == pytest.approx(losses, abs=1e-4)
 
 
-def test_evaluate_a_merged_model_dir_expert_parallel(tmp_path, monkeypatch):
-    """A micro anchor + one owner merged (2 experts) scored over 2 ranks == scored in one process."""
+def test_evaluate_and_tune_a_merged_model_dir_expert_parallel(tmp_path, monkeypatch):
+    """A micro anchor + one owner merged (2 experts): evaluated and router-tuned over 2 ranks ==
+    in one process."""
     import random
 
-    from flexkern.flexolmo.commands import evaluate_model_dir
+    from flexkern.flexolmo import checkpoint, commands
     from flexkern.flexolmo.merge import merge
     from flexkern.flexolmo.train import train_anchor, train_expert
 
@@ -134,9 +167,13 @@ def test_evaluate_a_merged_model_dir_expert_parallel(tmp_path, monkeypatch):
                           embed_method="anchor", log=False)
     package = train_expert(anchor, str(law), tmp_path / "packages", name="law", steps=2, batch_size=4, log=False)
     merged = merge(anchor, [package], tmp_path / "merged")
-    res = evaluate_model_dir(merged, data=[str(law)], opt_out=["law"], eval_tokens=256)
+    res = commands.evaluate_model_dir(merged, data=[str(law)], opt_out=["law"], eval_tokens=256)
     want = [res["rows"]["model"][str(law)], res["rows"]["without law"][str(law)]]
-    monkeypatch.setenv("EP_TEST_MODEL", str(merged))
-    monkeypatch.setenv("EP_TEST_DATA", str(law))
-    monkeypatch.setenv("EP_TEST_LOSS", ",".join(repr(v) for v in want))
-    spawn("scenario_evaluate_dir", 2, __name__)
+    monkeypatch.setattr(commands, "read_public_embedding", _as_minilm_model(checkpoint))
+    tuned, losses = commands.tune_router_dir(merged, tmp_path / "tuned", owners={"law": str(law)},
+                                             public=[str(public)], steps=2, batch_size=2, max_bytes=20000)
+    for k, v in {"EP_TEST_MODEL": merged, "EP_TEST_DATA": law, "EP_TEST_PUBLIC": public,
+                 "EP_TEST_LOSS": ",".join(repr(v) for v in want), "EP_TEST_TUNED": tuned,
+                 "EP_TEST_RT_LOSSES": ",".join(repr(v) for v in losses)}.items():
+        monkeypatch.setenv(k, str(v))
+    spawn("scenario_model_dirs", 2, __name__)

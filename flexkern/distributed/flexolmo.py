@@ -111,6 +111,78 @@ def evaluate_model_dir(model_dir, *, expert_parallel_size: int, data=None, opt_o
         fdist.teardown(info)
 
 
+def tune_router_dir(model_dir, out_dir, *, expert_parallel_size: int, owners: dict[str, str], public=None,
+                    device: str = "cpu", overwrite: bool = False, **kwargs):
+    """``flexolmo.commands.tune_router_dir`` with the MoE layers expert-parallel over the torchrun
+    world: rank 0 picks the proxy sets and broadcasts the token streams, every rank tunes the
+    same replicated router on the same batches (the experts' work is split, the rest repeated),
+    the routers are checked identical across ranks, the experts are gathered back and rank 0
+    writes ``out_dir``. ``kwargs``: proxy_docs, public_docs, steps, lr, batch_size, max_bytes.
+    Returns (out_dir, loss per step) on every rank."""
+    from ..flexolmo import commands
+    from ..flexolmo import distributed as fdist
+    from ..flexolmo.checkpoint import EXPERTS_FILE, TOKENIZER_FILE, read_json, read_public_embedding, write_model_dir
+    from ..flexolmo.data import PUBLIC_DOMAINS, load_documents, split_documents
+    from ..flexolmo.merge import load_model
+    from ..flexolmo.router_tuning import proxy_streams, tune_router
+    from ..flexolmo.tokenizer import load_tokenizer
+
+    opts = {k: v for k, v in commands.tune_router_dir.__kwdefaults__.items()
+            if k not in ("owners", "public", "device", "overwrite")}
+    unknown = set(kwargs) - set(opts)
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}")
+    opts.update(kwargs)
+    info = fdist.setup(device)
+    try:
+        if info.world_size != expert_parallel_size:
+            raise ValueError(f"--expert-parallel {expert_parallel_size} needs {expert_parallel_size} ranks, "
+                             f"this run has {info.world_size}")
+        model_dir = Path(model_dir)
+        public_row, method = read_public_embedding(model_dir)
+        if method == "anchor":
+            raise ValueError(f"{model_dir}: its router rows come from the anchor's hidden states; proxy "
+                             "selection needs the MiniLM embedder (a model built with --embed-method minilm)")
+        model, names = load_model(model_dir, info.device)
+        unknown = sorted(set(owners) - set(names[1:]))
+        if unknown:
+            raise ValueError(f"no owner expert named {unknown} in {model_dir}; owner experts: {names[1:]}")
+        tok = load_tokenizer(model_dir / TOKENIZER_FILE)
+        box = [None]
+        if info.rank == 0:
+            mb = opts["max_bytes"]
+            public_docs = [d for s in (public or PUBLIC_DOMAINS) for d in split_documents(load_documents(s, mb))[0]]
+            owner_docs = {n: split_documents(load_documents(src, mb))[0] for n, src in owners.items()}
+            box[0] = proxy_streams(tok, public_docs, owner_docs, proxy_docs=opts["proxy_docs"],
+                                   public_docs=opts["public_docs"])
+        dist.broadcast_object_list(box, src=0)
+        expert_parallel(model)
+        losses = tune_router(model, box[0], steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"],
+                             progress=info.rank == 0)
+        _check_same_router(model)
+        gather_experts(model)
+        out = Path(out_dir)
+        if info.rank == 0:
+            out = write_model_dir(out_dir, model.cpu(), model_dir / TOKENIZER_FILE, public_row, method,
+                                  read_json(model_dir / EXPERTS_FILE), overwrite=overwrite, inputs=(model_dir,))
+        dist.barrier()
+        return out, losses
+    finally:
+        fdist.teardown(info)
+
+
+def _check_same_router(model: nn.Module, group=None) -> None:
+    """Every rank's replicated router must be the same after tuning (a drift would be a bug)."""
+    for i, m in enumerate(model.moe_layers()):
+        w = m.router.weight.detach()
+        top = w.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        differs = torch.tensor([float(not torch.equal(top, w))], device=w.device)
+        dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=group)  # so every rank raises, or none
+        if differs.item():
+            raise RuntimeError(f"MoE layer {i}: the ranks' routers differ after tuning")
+
+
 def print_table(res: dict) -> None:
     """The evaluate command's table, from rank 0 only."""
     if res.get("rank", 0) != 0:
