@@ -203,6 +203,19 @@ def test_debug_shows_the_traceback(tmp_path):
         assert proc.stderr.strip().splitlines()[-1].startswith("flexkern: error: ")
 
 
+def test_a_bug_still_prints_its_traceback(world):
+    """Only the package's error types and bad arguments are one-liners; any other exception is a bug."""
+    code = ("import sys; import flexkern.flexolmo.commands as c\n"
+            "def boom(*a, **k): raise KeyError('a bug')\n"
+            "c.evaluate_model_dir = boom\n"
+            "from flexkern.cli import main\n"
+            f"sys.exit(main(['evaluate', '--model', {str(world.merged)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr and "KeyError: 'a bug'" in proc.stderr
+    assert "flexkern: error" not in proc.stderr
+
+
 def test_pipeline_command_without_the_extra_names_it(tmp_path):
     for missing in ("tokenizers", "safetensors"):
         code = (f"import sys; sys.modules[{missing!r}] = None; from flexkern.cli import main; "
