@@ -260,6 +260,21 @@ def test_incomplete_build_and_orphaned_old_are_rolled_back(world, tmp_path, monk
     assert model.config.top_k == 1 and snapshot(out) == before and hidden_or_lock(tmp_path) == []
 
 
+def test_hidden_old_folder_of_an_earlier_version_is_restored(world, tmp_path):
+    """Earlier flexkern swaps moved the old version to .NAME.XXXX.old/x; a kill there lost NAME."""
+    out = tmp_path / "m"
+    merge(world.anchor, [world.code], out)
+    before = snapshot(out)
+    (tmp_path / ".m.abc123.old").mkdir()
+    os.rename(out, tmp_path / ".m.abc123.old" / "x")
+    load_model(out)
+    assert snapshot(out) == before and hidden_or_lock(tmp_path) == []
+    (tmp_path / ".m.def456.old").mkdir()  # a completed replacement whose old copy stayed behind
+    shutil.copytree(out, tmp_path / ".m.def456.old" / "x")
+    merge(world.anchor, [world.code], out, overwrite=True)
+    assert hidden_or_lock(tmp_path) == []
+
+
 # ---- concurrent writers ------------------------------------------------------------------------------------
 _HOLD = """
 import sys, time

@@ -297,8 +297,20 @@ def _swap_names(path: Path) -> tuple[Path, Path, Path]:
     return tuple(path.with_name(f".{path.name}.flexkern-{s}") for s in ("tmp", "new", "old"))
 
 
+def _legacy_olds(path: Path) -> list[Path]:
+    """``.NAME.XXXX.old/x``: the old version that earlier flexkern versions moved aside during a swap."""
+    if not path.parent.is_dir():
+        return []
+    found = [d for d in path.parent.glob(f".{glob_escape(path.name)}.*.old") if (d / "x").is_dir()]
+    return sorted(found, key=lambda d: d.stat().st_mtime)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def _leftovers(path: Path) -> bool:
-    return any(os.path.lexists(p) for p in _swap_names(path))
+    return any(os.path.lexists(p) for p in _swap_names(path)) or bool(_legacy_olds(path))
 
 
 def _finish_swap(path: Path) -> str | None:
@@ -327,6 +339,17 @@ def _finish_swap(path: Path) -> str | None:
         else:  # the new version is gone: roll back to the old one
             os.rename(old, path)
             done = f"restored {path} from an interrupted replacement"
+    for legacy in _legacy_olds(path)[::-1]:  # newest first
+        if not os.path.lexists(path):
+            os.rename(legacy / "x", path)
+            done = f"restored {path} from {legacy.name}, left by an interrupted replacement"
+        elif artifact_kind(legacy / "x") is None:
+            continue  # not recognisably ours: left alone
+        else:
+            shutil.rmtree(legacy / "x")
+            done = done or f"removed {legacy.name}, the old version of {path} an earlier run replaced"
+        with contextlib.suppress(OSError):
+            legacy.rmdir()
     return done
 
 
