@@ -127,7 +127,7 @@ def artifact_kind(folder) -> str | None:
         return info["kind"] if ok else None
     names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
     for kind, files in _LEGACY.items():
-        if names and names == files or (kind == "checkpoint" and names and names <= files):
+        if names and names == files or (kind == "checkpoint" and "checkpoint.pt" in names and names <= files):
             return kind
     return None
 
