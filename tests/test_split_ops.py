@@ -168,3 +168,21 @@ def test_triton_interpreter_split_equals_fused(monkeypatch):
     leaves = [t.to(dev).requires_grad_() for t in leaves]
     d = flexkern.Dispatch(*(t.to(dev) for t in d.tensors()))
     compare(leaves, d, torch.tensor([False, False, True], device=dev), "triton", rtol=1e-5, atol=1e-5)
+
+
+def test_bad_offsets_and_hand_built_dispatch_are_refused():
+    leaves, d = make(5, 4, 6, 3, 2, dtype=torch.float32)
+    x, wg, wu, wd, w = leaves
+    x_ND = permute(x, d)
+    for offsets, why in (([1, 2, 3, 4], "start at 0"), ([0, 5, 3, 6], "never decrease"), ([0, 3, 6, 11], "more than")):
+        with pytest.raises(ValueError, match=why):
+            experts_swiglu_grouped(x_ND, wg, wu, wd, torch.tensor(offsets))
+    # validate=False: offsets past the rows are clamped on the device, never read out of bounds
+    o = experts_swiglu_grouped(x_ND, wg, wu, wd, torch.tensor([0, 3, 6, 99]), validate=False)
+    o_ok = experts_swiglu_grouped(x_ND, wg, wu, wd, torch.tensor([0, 3, 6, 10]))
+    assert torch.equal(o, o_ok)
+    bad_rows = d.row_of_slot_TK.clone()
+    bad_rows[0, 0] = 99  # a hand-built Dispatch pointing past the rows
+    bad = flexkern.Dispatch(d.offsets_E1, d.token_of_row_N, d.slot_of_row_N, bad_rows)
+    with pytest.raises(ValueError, match="invalid Dispatch"):
+        unpermute(x_ND, bad, w)

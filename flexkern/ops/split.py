@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
-from .checks import FLOAT_DTYPES, check_shape, check_tensor
-from .dispatch import Dispatch
+from .checks import FLOAT_DTYPES, can_read_values, check_shape, check_tensor
+from .dispatch import Dispatch, _offsets_problem, check_dispatch
 from .experts import _combine, _experts_bwd_op, _experts_op
 from .route import compute_dtype
 
@@ -68,11 +68,16 @@ _backend.register("unpermute_backward", "reference", unpermute_bwd_ref)
 
 def identity_rows(offsets_E1: torch.Tensor, N: int):
     """The dispatch of N rows already in expert order (row r is token r, one slot, weight 1):
-    (token_of_row_N, slot_of_row_N, row_of_slot_N1, weights_N1); -1 past offsets[E]."""
+    (offsets_E1, token_of_row_N, slot_of_row_N, row_of_slot_N1, weights_N1), -1 past offsets[E].
+    The offsets are clamped on the device into a valid layout (``Dispatch.from_offsets`` without
+    a host read), so no offsets can make a kernel read past the N rows."""
+    # Dispatch.from_offsets(validate=False) does the same, but N may be symbolic in a traced backward.
+    offsets_E1 = torch.cummax(offsets_E1.clamp(0, N), 0).values
+    offsets_E1 = torch.cat([offsets_E1.new_zeros(1), offsets_E1[1:]])
     r_N = torch.arange(N, device=offsets_E1.device)
     rows_N = torch.where(r_N < offsets_E1[-1], r_N, -1).to(torch.int32)
     weights_N1 = torch.ones((N, 1), dtype=torch.float32, device=offsets_E1.device)
-    return rows_N, rows_N, rows_N.view(N, 1), weights_N1
+    return offsets_E1, rows_N, rows_N, rows_N.view(N, 1), weights_N1
 
 
 # ---- permute -----------------------------------------------------------------------------------
@@ -160,8 +165,7 @@ def _grouped_op(x_ND: torch.Tensor, w_gate_EFD: torch.Tensor, w_up_EFD: torch.Te
                 backend: str, save_activations: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (o_ND, g_NF, u_NF): the fused op on the identity dispatch (see the module docstring)."""
     rows = identity_rows(offsets_E1, x_ND.shape[0])
-    return _experts_op(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, *rows[:3], rows[3],
-                       frozen_E, backend, save_activations)
+    return _experts_op(x_ND, w_gate_EFD, w_up_EFD, w_down_EDF, *rows, frozen_E, backend, save_activations)
 
 
 @_grouped_op.register_fake
@@ -181,10 +185,9 @@ def _grouped_backward(ctx, do_ND, _dg, _du):
     x_ND, w_gate, w_up, w_down, offsets_E1, frozen_E, g_NF, u_NF = ctx.saved_tensors
     if not ctx.saved_activations:
         g_NF = u_NF = None
-    token, slot, row_of_slot, weights_N1 = identity_rows(offsets_E1, x_ND.shape[0])
+    rows = identity_rows(offsets_E1, x_ND.shape[0])
     dx, d_gate, d_up, d_down, _ = _experts_bwd_op(
-        do_ND, x_ND, w_gate, w_up, w_down, offsets_E1, token, slot, row_of_slot, weights_N1,
-        frozen_E, ctx.backend, g_NF, u_NF)
+        do_ND, x_ND, w_gate, w_up, w_down, *rows, frozen_E, ctx.backend, g_NF, u_NF)
     return dx, d_gate, d_up, d_down, None, None, None, None
 
 
@@ -192,25 +195,27 @@ _grouped_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
 
 
 # ---- public functions --------------------------------------------------------------------------
-def _check_dispatch(dispatch, T: int, K: int | None, device) -> None:
+def _check_dispatch(dispatch, T: int, K: int | None, device) -> tuple[torch.Tensor, ...]:
+    """The dispatch's tensors, checked like experts_swiglu checks them (a hand-built Dispatch by
+    value too, one host read; a library-built one is trusted)."""
     if not isinstance(dispatch, Dispatch):
         raise TypeError(f"dispatch must be a flexkern.Dispatch, got {type(dispatch).__name__}")
-    for name, t in zip(("offsets_E1", "token_of_row_N", "slot_of_row_N", "row_of_slot_TK"), dispatch.tensors()):
-        check_tensor(f"dispatch.{name}", t, device=device)
-    Td, Kd = dispatch.row_of_slot_TK.shape
+    rows = dispatch.row_of_slot_TK
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+        raise ValueError("dispatch.row_of_slot_TK must be a (T, K) tensor")
+    Td, Kd = rows.shape
     if Td != T or (K is not None and Kd != K):
         raise ValueError(f"dispatch is for {Td} tokens x {Kd} slots, got {T} tokens"
                          + ("" if K is None else f" x {K} slots"))
-    check_shape("dispatch.token_of_row_N", dispatch.token_of_row_N, (Td * Kd,))
+    return check_dispatch(dispatch, Td, Kd, dispatch.num_experts, device)
 
 
 def permute(x_TD: torch.Tensor, dispatch: Dispatch, backend: str | None = None) -> torch.Tensor:
     """Rows of x in the dispatch's expert order: x_ND (N = T*K, x's dtype); rows past the routed
     ones are zero. Differentiable in x."""
     check_tensor("x", x_TD, ndim=2, dtypes=FLOAT_DTYPES)
-    _check_dispatch(dispatch, x_TD.shape[0], None, x_TD.device)
-    return _permute_op(x_TD.contiguous(), dispatch.token_of_row_N, dispatch.row_of_slot_TK,
-                       _backend.requested(backend))
+    _, token_of_row_N, _, row_of_slot_TK = _check_dispatch(dispatch, x_TD.shape[0], None, x_TD.device)
+    return _permute_op(x_TD.contiguous(), token_of_row_N, row_of_slot_TK, _backend.requested(backend))
 
 
 def unpermute(o_ND: torch.Tensor, dispatch: Dispatch, weights_TK: torch.Tensor,
@@ -221,10 +226,9 @@ def unpermute(o_ND: torch.Tensor, dispatch: Dispatch, weights_TK: torch.Tensor,
     check_tensor("o", o_ND, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weights", weights_TK, ndim=2, dtypes=FLOAT_DTYPES, device=o_ND.device)
     T, K = weights_TK.shape
-    _check_dispatch(dispatch, T, K, o_ND.device)
+    tensors = _check_dispatch(dispatch, T, K, o_ND.device)
     check_shape("o", o_ND, (T * K, o_ND.shape[1]))
-    return _unpermute_op(o_ND.contiguous(), *dispatch.tensors()[1:], weights_TK.contiguous(),
-                         _backend.requested(backend))
+    return _unpermute_op(o_ND.contiguous(), *tensors[1:], weights_TK.contiguous(), _backend.requested(backend))
 
 
 def experts_swiglu_grouped(
@@ -236,13 +240,15 @@ def experts_swiglu_grouped(
     frozen_E: torch.Tensor | None = None,
     backend: str | None = None,
     recompute_activations: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """SwiGLU experts on rows already grouped by expert: rows [offsets[e], offsets[e+1]) go
     through expert e. Returns o_ND (x's dtype), one row per input row, zero past offsets[E].
 
-    offsets_E1: int64 (E+1,), non-decreasing from 0 to at most N (not checked on the device:
-    checking would read it back to the host). ``frozen_E`` and ``recompute_activations`` as in
-    ``experts_swiglu``."""
+    offsets_E1: int64 (E+1,), non-decreasing from 0 to at most N. ``validate`` checks that (one
+    device-to-host read, a ValueError otherwise; skipped while compiling or capturing a CUDA
+    graph); without it, offsets are clamped on the device into a valid layout, never read past
+    the N rows. ``frozen_E`` and ``recompute_activations`` as in ``experts_swiglu``."""
     check_tensor("x", x_ND, ndim=2, dtypes=FLOAT_DTYPES)
     dev, dt = x_ND.device, x_ND.dtype
     for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
@@ -257,6 +263,10 @@ def experts_swiglu_grouped(
     if frozen_E is not None:
         check_tensor("frozen", frozen_E, ndim=1, dtypes=(torch.bool,), device=dev)
         check_shape("frozen", frozen_E, (E,))
+    if validate and can_read_values(offsets_E1):
+        bad = _offsets_problem(offsets_E1, x_ND.shape[0])
+        if bad:
+            raise ValueError(f"offsets {bad}")
     save = not recompute_activations and torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_ND, w_gate_EFD, w_up_EFD, w_down_EDF))
     o_ND, _, _ = _grouped_op(x_ND.contiguous(), w_gate_EFD.contiguous(), w_up_EFD.contiguous(),
