@@ -504,6 +504,10 @@ def test_malformed_model_dirs_give_checkpoint_errors(world, tmp_path):
     save_tensors(d / "model.safetensors", state, meta)
     with pytest.raises(CheckpointError, match="expert_frozen.*needs torch.bool"):
         load_model(d)
+    d = copy("short_public_row")
+    save_tensors(d / "public_embedding.safetensors", {"embedding": torch.zeros(5)}, {"method": "anchor"})
+    with pytest.raises(CheckpointError, match="public_embedding.safetensors: the public router row has 5 values"):
+        load_model(d)
     d = copy("double_weights")
     state, meta = load_tensors(d / "model.safetensors")
     save_tensors(d / "model.safetensors", {k: v.double() if v.is_floating_point() else v for k, v in state.items()},

@@ -601,7 +601,7 @@ def read_model_dir(model_dir, device="cpu") -> tuple[FlexOlmoLM, dict | None]:
 
     Checks, each a CheckpointError naming the file: config bounds, weights that fit the config
     (shapes and dtypes, no cast), sha256 of every tensor, finite values, the tokenizer (recorded
-    sha256, loads, round-trips)."""
+    sha256, loads, round-trips), the public router row (finite, d_model wide)."""
     model_dir = Path(model_dir)
     recover_output(model_dir, wait=False)
     if not model_dir.is_dir():
@@ -611,6 +611,10 @@ def read_model_dir(model_dir, device="cpu") -> tuple[FlexOlmoLM, dict | None]:
     _fit_state(model_dir, config, state)
     check_finite(state, model_dir / MODEL_FILE)
     check_tokenizer_file(model_dir / TOKENIZER_FILE, meta.get(_TOKENIZER_KEY), config.vocab_size)
+    row, _ = read_public_embedding(model_dir)
+    if row.shape != (config.d_model,):
+        raise CheckpointError(f"{model_dir / EMBEDDING_FILE}: the public router row has {row.numel()} values, "
+                              f"d_model is {config.d_model}")
     model = FlexOlmoLM(config)
     own = model.state_dict()
     extra = {k: state.pop(k) for k in list(state) if k not in own}  # optional buffers the layer lacks
