@@ -506,6 +506,7 @@ def write_model_dir(out_dir, model: FlexOlmoLM, tokenizer_json: str | Path, publ
     if row.shape != (model.config.d_model,) or not bool(torch.isfinite(row).all()):
         raise CheckpointError(f"the public router row must be {model.config.d_model} finite values, "
                               f"got shape {tuple(row.shape)}")
+    inputs = (*inputs, tokenizer_json)  # the tokenizer is read while the folder is written
     with atomic_dir(out_dir, kind=kind, overwrite=overwrite, inputs=inputs) as tmp:
         shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
         tok_sha = check_tokenizer_file(tmp / TOKENIZER_FILE, vocab_size=model.config.vocab_size,
