@@ -32,6 +32,32 @@ def cli(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+_BATCH = """
+import contextlib, io, json, sys
+from flexkern.cli import main
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(args)
+        except SystemExit as exc:
+            status = exc.code
+    results.append([status, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def cli_batch(*cases, timeout=300) -> list[SimpleNamespace]:
+    """Run ``flexkern.cli.main(args)`` for each case in one interpreter (torch is imported once);
+    each result has returncode, stdout and stderr like a subprocess of its own."""
+    import json
+    proc = subprocess.run([sys.executable, "-c", _BATCH, json.dumps([[str(a) for a in c] for c in cases])],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [SimpleNamespace(returncode=r, stdout=o, stderr=e) for r, o, e in json.loads(proc.stdout)]
+
+
 def one_line_error(proc: subprocess.CompletedProcess, status: int, *needles: str) -> str:
     """The process failed with ``status`` and printed exactly one line, an error naming ``needles``."""
     lines = proc.stderr.strip().splitlines()
@@ -151,13 +177,15 @@ def test_cli_defaults_are_the_pipelines():
 # ---- one-line errors ------------------------------------------------------------------------------------------
 def test_missing_paths_give_one_line(tmp_path):
     missing = tmp_path / "nope"
-    one_line_error(cli("evaluate", "--model", missing), 2, str(missing), "does not exist")
-    one_line_error(cli("merge", "--anchor", missing, "--packages", missing, "--out", tmp_path / "m"), 2, str(missing))
-    one_line_error(cli("train-expert", "--anchor", missing, "--source", "code", "--out", tmp_path / "x"), 2,
-                   "--anchor")
+    one_line_error(cli("evaluate", "--model", missing), 2, str(missing), "does not exist")  # a real process
     (tmp_path / "empty").mkdir()
-    one_line_error(cli("opt-out", "--model", tmp_path / "empty", "--name", "x", "--out", tmp_path / "o"), 2,
-                   "not a model directory")
+    merge, expert, opt_out = cli_batch(
+        ["merge", "--anchor", missing, "--packages", missing, "--out", tmp_path / "m"],
+        ["train-expert", "--anchor", missing, "--source", "code", "--out", tmp_path / "x"],
+        ["opt-out", "--model", tmp_path / "empty", "--name", "x", "--out", tmp_path / "o"])
+    one_line_error(merge, 2, str(missing))
+    one_line_error(expert, 2, "--anchor")
+    one_line_error(opt_out, 2, "not a model directory")
 
 
 def test_bad_names_fail_before_any_loading(world, tmp_path):
@@ -166,32 +194,35 @@ def test_bad_names_fail_before_any_loading(world, tmp_path):
     broken = tmp_path / "merged"
     shutil.copytree(world.merged, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    t0 = time.perf_counter()
     one_line_error(cli("evaluate", "--model", broken, "--opt-out", "bogus"), 2, "'bogus'", "public, law")
-    one_line_error(cli("opt-out", "--model", broken, "--name", "bogus", "--out", tmp_path / "o"), 2, "'bogus'")
-    one_line_error(cli("opt-out", "--model", broken, "--name", "public", "--out", tmp_path / "o"), 2, "public")
-    one_line_error(cli("evaluate", "--model", world.anchor, "--opt-out", "law"), 2, "dense")
-    one_line_error(cli("tune-router", "--model", broken, "--owner", "bogus=code", "--out", tmp_path / "t"), 2,
-                   "bogus")
-    one_line_error(cli("evaluate", "--model", broken, "--top-k", "3"), 2, "--top-k")
-    assert time.perf_counter() - t0 < 60
+    results = cli_batch(
+        ["opt-out", "--model", broken, "--name", "bogus", "--out", tmp_path / "o"],
+        ["opt-out", "--model", broken, "--name", "public", "--out", tmp_path / "o"],
+        ["evaluate", "--model", world.anchor, "--opt-out", "law"],
+        ["tune-router", "--model", broken, "--owner", "bogus=code", "--out", tmp_path / "t"],
+        ["evaluate", "--model", broken, "--top-k", "3"],
+        # the unreadable weights do give a one-line error (status 1) once the command works on them
+        ["evaluate", "--model", broken, "--data", world.law])
+    for proc, (status, needle) in zip(results, [(2, "'bogus'"), (2, "public"), (2, "dense"), (2, "bogus"),
+                                                (2, "--top-k"), (1, "model.safetensors")]):
+        one_line_error(proc, status, needle)
     assert not (tmp_path / "o").exists() and not (tmp_path / "t").exists()
-    # the unreadable weights do give a one-line error (status 1) once the command works on them
-    one_line_error(cli("evaluate", "--model", broken, "--data", world.law), 1, "model.safetensors")
 
 
 def test_bad_sources_and_numbers(world, tmp_path):
     one_line_error(cli("train-expert", "--anchor", world.anchor, "--source", "bogus", "--out", tmp_path), 2,
                    "'bogus'", "code, legal")
-    one_line_error(cli("anchor", "--out", tmp_path / "a", "--data", "bogus"), 2, "--data")
-    one_line_error(cli("evaluate", "--model", world.merged, "--data", tmp_path / "nope"), 2, "--data")
-    one_line_error(cli("train-expert", "--anchor", world.anchor, "--source", world.law, "--name", "bad name!",
-                       "--out", tmp_path), 2, "invalid expert name")
+    cases = [(["anchor", "--out", tmp_path / "a", "--data", "bogus"], "--data"),
+             (["evaluate", "--model", world.merged, "--data", tmp_path / "nope"], "--data"),
+             (["train-expert", "--anchor", world.anchor, "--source", world.law, "--name", "bad name!",
+               "--out", tmp_path], "invalid expert name"),
+             (["merge", "--anchor", world.anchor, "--packages", world.package, "--out", tmp_path / "m",
+               "--top-k", "3"], "--top-k")]
     for args in (["--steps", "0"], ["--lr", "-1"], ["--batch-size", "x"], ["--max-bytes", "0"],
                  ["--device", "gpu"], ["--preset", "huge"]):
-        one_line_error(cli("anchor", "--out", tmp_path / "a", *args), 2, args[0])
-    one_line_error(cli("merge", "--anchor", world.anchor, "--packages", world.package, "--out", tmp_path / "m",
-                       "--top-k", "3"), 2, "--top-k")
+        cases.append((["anchor", "--out", tmp_path / "a", *args], args[0]))
+    for proc, (_, needle) in zip(cli_batch(*[c for c, _ in cases]), cases):
+        one_line_error(proc, 2, needle)
     assert not any(tmp_path.iterdir())
 
 
@@ -269,11 +300,10 @@ def test_out_refusals_leave_existing_files_byte_identical(world, tmp_path):
         (["train-expert", "--anchor", world.anchor, "--source", world.law, "--out", world.package.parent],
          world.package.parent),
     ]
-    for args, keep in cases:
-        before = tree_digest(keep)
-        proc = cli(*args)
+    before = [tree_digest(keep) for _, keep in cases]
+    for proc, (args, keep), digest in zip(cli_batch(*[args for args, _ in cases]), cases, before):
         one_line_error(proc, 2)
-        assert tree_digest(keep) == before, (args, proc.stderr)
+        assert tree_digest(keep) == digest, (args, proc.stderr)
     # the demo refuses a folder that is not a demo run as its first step (exit 1: the demo's check)
     for extra in ([], ["--overwrite"]):
         before = tree_digest(foreign)
