@@ -50,6 +50,19 @@ def scenario_model(rank, world):
             m = model.get_submodule(name.rsplit(".", 2)[0])
             g_ref = g_ref[m.local_start:m.local_end] * world
         torch.testing.assert_close(p.grad, g_ref, **TOL, msg=lambda s: f"{name}: {s}")
+    # DDP over the replicated parameters only (the experts ignored) gives the same gradients
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from flexkern.distributed import expert_parameter_names
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for m in ref.moe_layers():
+        m.z_loss = None  # a non-leaf tensor from the last forward: deepcopy refuses it
+    ddp_model = expert_parallel(copy.deepcopy(ref))
+    DDP._set_params_and_buffers_to_ignore_for_model(ddp_model, expert_parameter_names(ddp_model))
+    ddp = DDP(ddp_model)
+    (lm_loss(ddp, ids[2 * rank: 2 * rank + 2]) + ddp_model.router_z_loss() * 1e-3).backward()
+    for name, p in ddp_model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], **TOL, msg=lambda s: f"DDP {name}: {s}")
     # opt-out through the model's mask control, inference only
     mask = torch.ones(cfg.num_experts, dtype=torch.bool)
     mask[1] = False

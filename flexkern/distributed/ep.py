@@ -400,6 +400,16 @@ def expert_parallel(model: nn.Module, group=None, **kwargs) -> nn.Module:
     return model
 
 
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the expert-parallel layers' local expert parameters: the ones data-parallel
+    wrappers must leave alone, e.g. ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+    model, expert_parameter_names(model))`` before wrapping (their gradients are already complete
+    on their owner: a sum over every rank's tokens)."""
+    return [f"{prefix}.experts.{n}" if prefix else f"experts.{n}"
+            for prefix, m in model.named_modules() if isinstance(m, ExpertParallelMoE)
+            for n, _ in m.experts.named_parameters()]
+
+
 def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every parameter of ``model`` except the expert-parallel layers' local experts."""
     sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelMoE) for p in m.experts.parameters()}
