@@ -600,6 +600,14 @@ def _raise_at(n):
     return cb
 
 
+def test_refused_training_leaves_nothing(world, tmp_path):
+    with pytest.raises(ValueError, match="merged model"):
+        train_expert(world.merged, LAW, tmp_path / "p", name="law", **EXPERT)
+    with pytest.raises(ValueError, match="seq_len"):
+        train_expert(world.anchor, LAW, tmp_path / "p", name="law", seq_len=10**6, **EXPERT)
+    assert list(tmp_path.iterdir()) == [tmp_path / "p"] and list((tmp_path / "p").iterdir()) == []
+
+
 def test_anchor_resume_message_and_foreign_checkpoint_folder(world, tmp_path, capfd):
     args = dict(preset="micro", data=[PUBLIC], steps=4, batch_size=4, embed_method="anchor", log=False,
                 checkpoint_every=1)

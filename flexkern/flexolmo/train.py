@@ -338,6 +338,14 @@ def _prepare_ckpt(ckpt: Path, resume: bool, inputs) -> None:
     write_marker(ckpt, CHECKPOINT_KIND)
 
 
+def _drop_unused_ckpt(ckpt: Path) -> None:
+    """Remove a checkpoint folder this run made but never wrote a checkpoint into (a refused run)."""
+    if artifact_kind(ckpt) == CHECKPOINT_KIND and not any(
+            p.name != TOKENIZER_FILE and not p.name.startswith(".") for p in ckpt.iterdir()):
+        if not (ckpt / TOKENIZER_FILE).exists():
+            remove_artifact(ckpt, CHECKPOINT_KIND)
+
+
 def _path_inputs(*sources) -> list:
     """The sources that are paths on disk (domain names are not)."""
     out = []
@@ -411,6 +419,8 @@ def train_anchor(out_dir, preset="tiny", data: Sequence = PUBLIC_DOMAINS, steps:
                 print(f"anchor: {out_dir}  {_summary(stats)}", flush=True)
         distributed.barrier(info)
     finally:
+        if info.is_main:
+            _drop_unused_ckpt(ckpt)
         held.close()
         distributed.teardown(info)
     return out_dir
@@ -526,6 +536,8 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
                 print(f"expert {name}: {out}  {_summary(stats)}", flush=True)
         distributed.barrier(info)
     finally:
+        if info.is_main:
+            _drop_unused_ckpt(ckpt)
         held.close()
         distributed.teardown(info)
     return out
