@@ -20,6 +20,9 @@ Two exchange modes:
   nothing, like mask_mode="drop". They are never lost silently: ``overflow`` (int64 tensor, this
   rank's dropped slots in the last forward) and ``overflow_total`` (since construction or
   ``reset_overflow``) count them, on the device, readable whenever a host read is allowed.
+  W*C rows go each way whatever the routing (choose C ~ capacity_factor * T*K / W). Meant for
+  CUDA-graph capture; torch.compile(fullgraph=True) does not trace the c10d collectives used
+  here. A mask changed on one rank only is caught by ``verify()``, not by the forward.
 
 Same contract as FlexMoE (the parameter names and shapes too, except that ``experts.*`` hold the
 L local experts): ``expert_mask`` (reroute/drop; change it identically on every rank), ``expert_frozen``
