@@ -179,14 +179,14 @@ def report(out: dict) -> str:
              f"{W} ranks ({out['backend']}, {out['dtype']}, {out['gpu'] or 'CPU'})",
              f"exchange bytes per token per layer: {out['bytes_per_token_fwd']} forward, "
              f"{out['bytes_per_token_fwd_bwd']} forward+backward ({W - 1}/{W} of it off the rank)",
-             f"{'mode':10s}{'fwd ms':>9s}{'fwd+bwd':>9s}" + "".join(f"{p:>10s}" for p in PHASES) + f"{'GB/s':>8s}  notes"]
+             f"{'mode':10s}{'fwd ms':>9s}{'fwd+bwd':>9s}" + "".join(f"{p:>10s}" for p in PHASES) + f"{'GB/s':>10s}  notes"]
     for mode, r in out["modes"].items():
         gbps = r["exchange_GBps_per_rank_fwd"]
         note = f"capacity {r['capacity']}/rank pair, {r['overflow_slots']} slots overflowed" if "capacity" in r else \
             "one host read per forward"
         lines.append(f"{mode:10s}{r['fwd_ms']:9.3f}{r['fwd_bwd_ms']:9.3f}"
                      + "".join(f"{r[p + '_ms']:10.3f}" for p in PHASES)
-                     + (f"{gbps:8.3g}" if gbps else f"{'-':>8s}") + f"  {note}")
+                     + (f"{gbps:10.3g}" if gbps else f"{'-':>10s}") + f"  {note}")
     sd = out["single_device"]
     lines.append(f"one device, all {s['E']} experts, the same T: fused fwd {sd['fused_fwd_ms']:.3f} ms, "
                  f"split fwd {sd['split_fwd_ms']:.3f} ms; fused fwd+bwd {sd['fused_fwd_bwd_ms']:.3f} ms, "
