@@ -196,7 +196,7 @@ def test_torchrun_two_processes_gloo(world, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "flexkern.flexolmo.train", "expert", "--anchor", str(world.anchor), "--source", str(folder),
+           "-m", "flexkern.cli", "train-expert", "--anchor", str(world.anchor), "--source", str(folder),
            "--out", str(tmp_path / "ddp"), "--name", "law", "--steps", "4", "--batch-size", "4", "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

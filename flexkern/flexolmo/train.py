@@ -10,7 +10,7 @@ AdamW at weight decay 0, so the frozen slices receive exactly zero updates and s
 to the anchor (checked before the package is written). Loss: cross-entropy + 1e-3 router z-loss.
 
 Both run in one process or under ``torchrun`` (DDP; gloo on the CPU, nccl on CUDA):
-    torchrun --standalone --nproc_per_node=2 -m flexkern.flexolmo.train expert --anchor DIR --source code --out runs/x
+    torchrun --standalone --nproc_per_node=2 -m flexkern.cli train-expert --anchor DIR --source code --out runs/x
 Each step takes a global batch of ``batch_size`` windows (seq_len + 1 tokens) chosen by a seeded
 permutation of the token stream, so the data order depends only on (seed, step): every rank reads
 its own slice of the batch, and a run resumed from a checkpoint sees the same batches as one that
@@ -33,7 +33,6 @@ to resume". A command line catches it (before KeyboardInterrupt) and prints that
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import math
@@ -541,54 +540,3 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
         held.close()
         distributed.teardown(info)
     return out
-
-
-# ---- command line (also the torchrun entry point) ---------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flexkern.flexolmo.train",
-                                description="Train the FlexOlmo anchor or one owner's expert.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("anchor", help="train the public model")
-    a.add_argument("--out", required=True, help="anchor directory to write")
-    a.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    a.add_argument("--data", nargs="+", default=list(PUBLIC_DOMAINS), help="domain names or folders")
-    a.add_argument("--steps", type=int, default=300)
-    a.add_argument("--lr", type=float, default=3e-3)
-    a.add_argument("--embed-method", default="minilm", choices=("minilm", "anchor"))
-    e = sub.add_parser("expert", help="train one owner's expert package")
-    e.add_argument("--anchor", required=True, help="anchor directory")
-    e.add_argument("--source", required=True, help="domain name or folder of text files")
-    e.add_argument("--out", required=True, help="package path (*.flexpert) or a folder for NAME.flexpert")
-    e.add_argument("--name", default=None)
-    e.add_argument("--steps", type=int, default=150)
-    e.add_argument("--lr", type=float, default=1e-3)
-    e.add_argument("--embed-method", default=None, choices=("minilm", "anchor"))
-    for sp in (a, e):
-        sp.add_argument("--batch-size", type=int, default=8, help="global windows per step (all ranks)")
-        sp.add_argument("--seq-len", type=int, default=None)
-        sp.add_argument("--max-bytes", type=int, default=None, help="per source")
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--checkpoint-every", type=int, default=50 if sp is a else 25)
-        sp.add_argument("--no-resume", action="store_true")
-        sp.add_argument("--overwrite", action="store_true", help="replace an existing flexkern output of the same kind")
-        sp.add_argument("--quiet", action="store_true")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    common = dict(batch_size=args.batch_size, seq_len=args.seq_len, max_bytes=args.max_bytes,
-                  device=args.device, seed=args.seed, resume=not args.no_resume, log=not args.quiet,
-                  overwrite=args.overwrite)
-    if args.cmd == "anchor":
-        train_anchor(args.out, preset=args.preset, data=args.data, steps=args.steps, lr=args.lr,
-                     embed_method=args.embed_method, checkpoint_every=args.checkpoint_every, **common)
-    else:
-        train_expert(args.anchor, args.source, args.out, name=args.name, steps=args.steps, lr=args.lr,
-                     embed_method=args.embed_method, checkpoint_every=args.checkpoint_every, **common)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
