@@ -325,7 +325,8 @@ def _tune_router_check(a) -> None:
     names = _names(a.model)
     if len(names) == 1:
         raise ValueError(f"--model {a.model} is a dense model; router tuning needs a merged model")
-    for name, source in _owners(a.owner).items():
+    owners = _owners(a.owner)
+    for name, source in owners.items():
         if name not in names[1:]:
             raise ValueError(f"--owner {name}={source}: no owner expert {name!r} in {a.model}; "
                              f"owner experts: {', '.join(names[1:])}")
@@ -333,7 +334,7 @@ def _tune_router_check(a) -> None:
     for s in a.public or ():
         _source("--public", s)
     _check_device(a.device)
-    _check_out(a.out, "merged", a.overwrite, [a.model])
+    _check_out(a.out, "merged", a.overwrite, [a.model, *_folders([*owners.values(), *(a.public or ())])])
 
 
 def _tune_router_run(a) -> int:

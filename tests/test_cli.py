@@ -276,6 +276,18 @@ print(len(names))
     assert int(proc.stdout.split()[-1]) >= 10  # the ops, nn, triton and cuda modules were all imported
 
 
+def test_evaluate_with_an_expert_opted_out(world):
+    proc = cli("evaluate", "--model", world.merged, "--data", world.public, world.law, "--opt-out", "law",
+               "--eval-tokens", "128")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0] + (" " + line.split()[1] if line.startswith("without") else ""): line.split()[-3:]
+            for line in proc.stdout.splitlines() if line.startswith(("model ", "without "))}
+    assert set(rows) == {"model", "without law"}, proc.stdout
+    losses = {k: [float(x) for x in v] for k, v in rows.items()}
+    assert all(0 < x < 20 for v in losses.values() for x in v)
+    assert losses["model"] != losses["without law"]  # masking the owner's expert changes the outputs
+
+
 # ---- --out never replaces what flexkern did not create --------------------------------------------------------
 def test_out_refusals_leave_existing_files_byte_identical(world, tmp_path):
     foreign = tmp_path / "notes"
