@@ -192,6 +192,10 @@ def suite_sections(results: dict) -> list[str]:
         name = f"**{label}**" if label == head else label
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     out.append("")
+    goals = results.get("goals") or []
+    if goals:
+        out += ["## Goals", "", "| goal | met | evidence |", "|---|---|---|"]
+        out += [f"| {g['goal']} | {'yes' if g['met'] else '**no**'} | {g['evidence']} |" for g in goals] + [""]
     comps = results.get("comparisons") or []
     if comps:
         out += ["## Paired differences", "",

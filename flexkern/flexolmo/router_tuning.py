@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..nn import Z_LOSS_WEIGHT
 from .embed import embed_texts, minilm_available, minilm_embed, sample_documents
 from .model import FlexOlmoLM, lm_loss
 from .proxy import select_proxy_set
 from .tokenizer import encode_documents
-
-Z_LOSS_WEIGHT = 1e-3
 
 
 @dataclass
@@ -181,3 +180,26 @@ def tune_router(model: FlexOlmoLM, streams: dict[str, torch.Tensor], steps: int 
             m.expert_frozen.copy_(f)
         model.set_top_k(saved_k)
     return losses
+
+
+def tuning_data(owners: dict[str, str], public=None, max_bytes: int | None = None,
+                public_share: float | None = None, heldout_fraction: float = 0.1,
+                seed: int = 0) -> tuple[list[str], dict[str, list[str]]]:
+    """(public documents, {owner: its documents}) for ``run_router_tuning`` from source names.
+
+    ``public=None``: the demo's public mix (``data.build_corpora``: the public domains plus
+    ``public_share`` of every owner domain); an owner whose source is a domain then gets that
+    domain's closed documents. Otherwise the training splits of the named public sources and of
+    each owner's source (a domain or a folder).
+    """
+    from .data import OWNER_DOMAINS, PUBLIC_SHARE, build_corpora, domain_split
+
+    if public is None:
+        share = PUBLIC_SHARE if public_share is None else public_share
+        c = build_corpora(max_bytes, share, heldout_fraction=heldout_fraction, seed=seed)
+        pub = c.public_docs()
+        own = {n: c.owners[s] if s in OWNER_DOMAINS else domain_split(s, max_bytes, heldout_fraction, seed)[0]
+               for n, s in owners.items()}
+        return pub, own
+    pub = [d for s in public for d in domain_split(s, max_bytes, heldout_fraction, seed)[0]]
+    return pub, {n: domain_split(s, max_bytes, heldout_fraction, seed)[0] for n, s in owners.items()}
