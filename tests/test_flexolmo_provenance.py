@@ -67,3 +67,33 @@ def test_generation_with_opt_out_equals_the_model_without_the_expert():
     assert s1 == generate_ids(model, prompt, 12, method="top-p", top_p=0.8, seed=3)
     with pytest.raises(ValueError):
         generate_ids(model, prompt, 3, method="beam")
+
+
+def _model_dir(tmp_path):
+    import random
+    from flexkern.flexolmo.checkpoint import write_model_dir
+    from flexkern.flexolmo.tokenizer import save_tokenizer, train_tokenizer
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "law", "verse", "sum", "integral"]
+    texts = [" ".join(rng.choice(words) + rng.choice(["", "s", "ed", "ing"]) for _ in range(200)) for _ in range(20)]
+    save_tokenizer(train_tokenizer(texts, vocab_size=CFG.vocab_size), tmp_path / "tok.json")
+    model = _merged()
+    write_model_dir(tmp_path / "m", model, tmp_path / "tok.json", torch.full((CFG.d_model,), 0.1), "anchor",
+                    {"experts": ["public", "a", "b", "c"]})
+    return tmp_path / "m", model
+
+
+def test_attribute_and_generate_on_a_model_directory(tmp_path):
+    from flexkern.flexolmo.attribution import attribute_dir
+    from flexkern.flexolmo.generate import generate_dir
+    path, _ = _model_dir(tmp_path)
+    text = "alpha betas gamma delta return law verse integral sum " * 3
+    res = attribute_dir(path, text, tmp_path / "att")
+    assert (tmp_path / "att.html").is_file() and (tmp_path / "att.png").is_file()
+    assert all(abs(sum(s) - 1) < 1e-5 for s in res["shares"])
+    out = attribute_dir(path, text, tmp_path / "att2", opt_out=["b"])
+    assert all(s[2] == 0 for s in out["shares"]) and out["mean_share"]["b"] == 0
+    g1 = generate_dir(path, "alpha beta", max_new_tokens=8, opt_out=["a"])
+    assert isinstance(g1, str) and g1 == generate_dir(path, "alpha beta", max_new_tokens=8, opt_out=["a"])
+    with pytest.raises(ValueError):
+        generate_dir(path, "alpha", opt_out=["nobody"])
