@@ -336,7 +336,7 @@ def test_two_train_expert_runs_to_one_package(world, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     out = tmp_path / "pkgs"
-    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN, str(world.anchor), str(out), "30"], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", _TRAIN, str(world.anchor), str(out), "10"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     lines = sorted(r[0].strip().splitlines()[-1] if r[0].strip() else r[1][-500:] for r in results)

@@ -581,6 +581,10 @@ _OPTIONAL_BUFFERS = (".expert_mask", ".expert_frozen")
 def _fit_state(model_dir: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
     """Refuse weights that do not fit config.json, before anything is allocated (the shapes come
     from a model on the meta device)."""
+    layers = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    if len(layers) != config.n_layers:  # cheap first: no model of a forged depth is even built on meta
+        raise CheckpointError(f"{model_dir}: {MODEL_FILE} holds {len(layers)} layers, {CONFIG_FILE} says "
+                              f"n_layers={config.n_layers} (edited config or weights?)")
     with torch.device("meta"):
         want = {k: (tuple(v.shape), v.dtype) for k, v in FlexOlmoLM(config).state_dict().items()}
     missing = [k for k in want if k not in state and not k.endswith(_OPTIONAL_BUFFERS)]
