@@ -189,3 +189,16 @@ def attribute_dir(model_dir, text: str, out_prefix, *, opt_out=(), top_k: int | 
     p = write_heatmap(toks, sh, names, prefix.with_name(prefix.name + ".png"), title)
     return {"tokens": toks, "names": names, "shares": sh.tolist(), "html": str(h), "png": str(p),
             "mean_share": dict(zip(names, sh.mean(0).tolist()))}
+
+
+def routing_table(models: dict, names: list[str], tokenizer, heldout: dict[str, list[str]], docs: int = 4,
+                  tokens: int = 48) -> dict:
+    """{model label: {domain: {expert: mean share}}} over the first ``tokens`` tokens of the first
+    ``docs`` held-out documents of each domain: where each model's FFN output comes from."""
+    out = {}
+    for label, model in models.items():
+        out[label] = {}
+        for dom, texts in heldout.items():
+            shares = [attribute_text(model, tokenizer, t, tokens)[1] for t in texts[:docs]]
+            out[label][dom] = dict(zip(names, torch.cat(shares).mean(0).tolist()))
+    return out

@@ -531,6 +531,8 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
             ensure_corpora(quiet=not log)
     corpora = build_corpora(cfg.max_bytes, cfg.public_share, seed=0)
     anchor_dir = _anchor(out, cfg, corpora, timer, log)
+    from .eval_suite import save_settings
+    save_settings(anchor_dir, eval_settings(cfg))  # `flexkern evaluate` on it gives the report's numbers
     packages = _experts(out, anchor_dir, cfg, corpora, timer, log)
     merged_dir = _merged(out, anchor_dir, packages, cfg, timer, log)
     tok = load_tokenizer(anchor_dir / "tokenizer.json")
@@ -570,6 +572,11 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
         from .attribution import demo_figures
         with timer("attribution"):
             results["attribution"] = demo_figures(res["tuned"], res["names"], tok, corpora, out, cfg)
+            from .attribution import routing_table
+            from .merge import load_model
+            results["routing"] = routing_table(
+                {f"FlexOlmo top-{cfg.headline_top_k} (no RT)": load_model(merged_dir, cfg.device)[0],
+                 res["headline"]: res["tuned"]}, res["names"], tok, corpora.heldout)
     results["timings"] = dict(timer.timings)
     results["timings_note"] = ("per stage, from the run that did it; this invocation ran: "
                                + (", ".join(sorted(timer.ran)) or "nothing but the evaluation"))

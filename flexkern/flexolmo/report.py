@@ -152,6 +152,8 @@ def write_report(results: dict, out_dir, title: str = "FlexOlmo demo report") ->
                   f"Each row removes one expert from `{results['opt_out_base']}`; in brackets the change "
                   "vs the full model, the owner's own domain in bold.", "",
                   opt_out_table(results), "", "![opt-out](opt_out.png)", ""]
+    if results.get("routing"):
+        parts += routing_section(results["routing"])
     if results.get("attribution"):
         parts += attribution_section(results["attribution"])
     if results.get("timings"):
@@ -263,4 +265,15 @@ def attribution_section(att: dict) -> list[str]:
         o = att["opt_out"]
         out += [f"With `{o['removed']}` opted out its share goes from {o['share_before']:.2f} (mean) to "
                 f"{o['share_after']:.2f} (max over tokens):", "", f"![opted out]({o['png']})", ""]
+    return out
+
+
+def routing_section(routing: dict) -> list[str]:
+    out = ["## Where the FFN output comes from", "",
+           "Mean share of each expert in the tokens' FFN output (see Provenance below) over the first tokens "
+           "of the first held-out documents of each domain.", ""]
+    for label, doms in routing.items():
+        names = list(next(iter(doms.values())))
+        out += [f"**{label}**", "", "| domain | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        out += [f"| {d} | " + " | ".join(f"{v[n]:.2f}" for n in names) + " |" for d, v in doms.items()] + [""]
     return out
