@@ -26,6 +26,8 @@ def test_select_by_score_respects_budget_and_order():
     assert select_by_score(scores, [10] * 5, 30) == [1, 2, 4]
     assert select_by_score(scores, [10, 50, 10, 10, 10], 25) == [2, 4]  # doc 1 too big, skipped
     assert select_by_score(scores, [100] * 5, 10) == [1]  # at least one document
+    assert select_by_score(torch.tensor([-1.0, -2.0, 1.0, -0.5]), [10] * 4, 100) == [2]  # only owner-side ones
+    assert select_by_score(torch.tensor([-1.0, -2.0]), [10, 10], 100) == [0]
     assert proxy_budget(["ab", "cde"], 0.5) == 2
     with pytest.raises(ValueError):
         proxy_budget(["x"], 0.0)

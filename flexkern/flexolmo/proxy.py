@@ -70,25 +70,28 @@ def proxy_budget(owner_docs: list[str], proxy_fraction: float) -> int:
     return int(proxy_fraction * sum(len(d.encode("utf-8")) for d in owner_docs))
 
 
-def select_by_score(scores_N: torch.Tensor, sizes_N: list[int], budget: int, min_docs: int = 1) -> list[int]:
-    """Indices of the top-scoring documents whose sizes fit in ``budget``.
+def select_by_score(scores_N: torch.Tensor, sizes_N: list[int], budget: int, min_score: float = 0.0) -> list[int]:
+    """Indices of the top-scoring documents that fit in ``budget``, among those scoring above ``min_score``.
 
-    Documents are taken in descending score (ties: lower index first); one that would exceed the
-    budget is skipped and the next ones are tried. When fewer than ``min_docs`` fit, the top
-    ``min_docs`` are returned whatever their size. Returned in ascending index order.
+    Only documents the classifier puts on the owner's side (decision value > ``min_score``) are
+    candidates; they are taken in descending score (ties: lower index first), one that would exceed
+    the budget is skipped and the next is tried. When none fits (or none is a candidate), the single
+    top-scoring document is returned, whatever its size. Returned in ascending index order.
     """
     if scores_N.dim() != 1 or len(sizes_N) != scores_N.shape[0]:
         raise ValueError(f"{scores_N.shape[0] if scores_N.dim() == 1 else scores_N.shape} scores "
                          f"but {len(sizes_N)} sizes")
+    if not len(sizes_N):
+        raise ValueError("no documents to select from")
     order = sorted(range(len(sizes_N)), key=lambda i: (-float(scores_N[i]), i))
     picked, used = [], 0
     for i in order:
+        if float(scores_N[i]) <= min_score:
+            break
         if used + sizes_N[i] <= budget:
             picked.append(i)
             used += sizes_N[i]
-    if len(picked) < min_docs:
-        picked = order[:min_docs]
-    return sorted(picked)
+    return sorted(picked) if picked else order[:1]
 
 
 @dataclass(frozen=True)
