@@ -127,8 +127,8 @@ def short_set(tokens: dict[str, list[list[int]]], short_tokens: int) -> EvalSet:
     windows, units = {}, {}
     for dom, docs in tokens.items():
         rows = [d[:short_tokens + 1] for d in docs if len(d) >= short_tokens + 1]
-        if not rows:
-            raise ValueError(f"no held-out document of {dom!r} has {short_tokens + 1} tokens")
+        if not rows:  # a domain of short documents has no short-context score
+            continue
         windows[dom] = torch.tensor(rows, dtype=torch.long)
         units[dom] = torch.arange(len(rows))[:, None].expand(len(rows), short_tokens).clone()
     return EvalSet("short", windows, units)
@@ -159,10 +159,15 @@ def build_eval_sets(tokenizer, heldout_docs: dict[str, list[str]], settings: Eva
     if not heldout_docs:
         raise ValueError("no held-out documents")
     tokens = {d: _doc_tokens(tokenizer, docs) for d, docs in heldout_docs.items()}
-    sets = {"heldout": heldout_set(tokens, settings.seq_len, settings.eval_tokens),
-            "short": short_set(tokens, settings.short_tokens)}
+    sets = {"heldout": heldout_set(tokens, settings.seq_len, settings.eval_tokens)}
+    short = short_set(tokens, settings.short_tokens)
+    if short.windows:
+        sets["short"] = short
     if len(tokens) >= 2:
-        sets["mixed"] = mixed_set(tokens, settings.seq_len, settings.mixed_per_pair)
+        try:
+            sets["mixed"] = mixed_set(tokens, settings.seq_len, settings.mixed_per_pair)
+        except ValueError:  # no two domains with long enough documents
+            pass
     return sets
 
 
@@ -349,13 +354,15 @@ def evaluate_dir(model_dir, *, data=None, opt_out=(), top_k: int | None = None, 
     from .merge import load_model, mask_experts
     from .tokenizer import load_tokenizer
 
-    settings = settings or load_settings(model_dir) or EvalSettings()
     fields = {f.name for f in dataclasses.fields(EvalSettings)}
     bad = set(overrides) - fields
     if bad:
         raise ValueError(f"unknown evaluation settings {sorted(bad)}")
-    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     model, names = load_model(model_dir, device)
+    # without recorded settings: the defaults, windows of the model's own length
+    settings = settings or load_settings(model_dir) or EvalSettings(seq_len=min(EvalSettings.seq_len,
+                                                                                model.config.seq_len))
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     unknown = [n for n in opt_out if n not in names[1:]]
     if unknown:
         raise ValueError(f"no owner expert named {unknown} in {model_dir}; owner experts: {names[1:]}")
