@@ -8,6 +8,8 @@
     flexkern opt-out --model runs/merged --name code --out runs/merged-no-code
     flexkern opt-in --model runs/merged-no-code --package runs/experts/code.flexpert --out runs/merged2
     flexkern tune-router --model runs/merged --owner code=code --out runs/merged-rt
+    flexkern export-hf --model runs/merged --out runs/merged-hf    transformers checkpoint (FlexOlmo)
+    flexkern import-hf path/to/flexolmo-hf --out runs/imported    and back
 
 This module is the only entry point: the ``flexkern`` script, ``python -m flexkern``,
 ``python -m flexkern.cli`` and owner training under torchrun (``torchrun --standalone
@@ -348,6 +350,57 @@ def _tune_router_run(a) -> int:
     return 0
 
 
+HF_HINT = "pip install 'flexkern[hf]'"
+
+
+def _has_transformers() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("transformers") is not None
+
+
+def _export_hf_check(a) -> None:
+    _model_dir("--model", a.model)
+    names = _names(a.model)
+    for name in a.opt_out:
+        _check_expert_name("--opt-out", name, names, a.model)
+        if name == names[0]:
+            raise ValueError(f"--opt-out {name}: the public expert cannot be opted out")
+    for s in a.bias_cost or ():
+        _source("--bias-cost", s)
+    _check_out(a.out, "hf", a.overwrite, [a.model])
+
+
+def _export_hf_run(a) -> int:
+    if not _has_transformers():
+        return _fail(a, f"export-hf needs transformers>=5, the 'hf' extra: {HF_HINT}", 1)
+    from .flexolmo import hf
+    if a.bias_cost:
+        cost = hf.router_bias_cost_dir(a.model, a.bias_cost, a.max_bytes, a.eval_tokens)
+        print(f"held-out loss (nats/token) of {a.model} with its router biases and without them")
+        print(hf.format_bias_cost(cost))
+    out = hf.export_hf(a.model, a.out, opt_out=a.opt_out, drop_router_bias=a.drop_router_bias,
+                       overwrite=a.overwrite, dtype=a.dtype)
+    print(f"wrote {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def _import_hf_check(a) -> None:
+    from .flexolmo.checkpoint import read_json
+    d = _folder("DIR", a.dir, "config.json", "a transformers checkpoint folder")
+    cfg = read_json(d / "config.json")
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "flex_olmo":
+        found = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise ValueError(f"{d} is not a transformers FlexOlmo checkpoint (config.json model_type {found!r}, "
+                         "expected 'flex_olmo')")
+    _check_out(a.out, "merged", a.overwrite, [a.dir])
+
+
+def _import_hf_run(a) -> int:
+    from .flexolmo.hf import import_hf
+    print(f"wrote {import_hf(a.dir, a.out, names=a.names, overwrite=a.overwrite)}")
+    return 0
+
+
 # ---- the parser -------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The ``flexkern`` parser (imports nothing heavy: the commands import the pipeline when they run)."""
@@ -471,6 +524,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POS_INT, default=DEMO.batch_size, help="windows per step")
     p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes, help="bytes per data source")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+
+    p = _command(sub, "export-hf", help="write a model as a transformers checkpoint (FlexOlmo / OLMo-2)",
+                 description="Write a merged model as a transformers FlexOlmoForCausalLM checkpoint (an anchor "
+                             "as Olmo2ForCausalLM): config, safetensors weights, the tokenizer. "
+                             "AutoModelForCausalLM.from_pretrained(OUT) then gives this model's logits. "
+                             "transformers' FlexOlmo router has no bias: a model whose owner biases are below "
+                             "zero is refused unless --drop-router-bias (--bias-cost shows what that costs). "
+                             f"Needs the 'hf' extra: {HF_HINT}.",
+                 check=_export_hf_check, run=_export_hf_run, interrupted=_atomic)
+    p.add_argument("--model", required=True, help="merged or anchor model directory")
+    _add_out(p, "transformers checkpoint", "checkpoint folder to write")
+    p.add_argument("--drop-router-bias", action="store_true",
+                   help="export even though the owners' router biases are below zero (they are left out)")
+    p.add_argument("--opt-out", action="append", default=[], metavar="NAME",
+                   help="leave this expert out (the same outputs as masking it; repeatable; default: none)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="of the written weights (default: float32, or the dtype an imported model came in)")
+    p.add_argument("--bias-cost", nargs="+", default=None, metavar="SOURCE",
+                   help=f"first print the held-out loss with and without the router biases on these, "
+                        f"each {SOURCE_HELP} (default: none)")
+    p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes,
+                   help="bytes per domain for --bias-cost; must match the training's for the same held-out split")
+    p.add_argument("--eval-tokens", type=POS_INT, default=DEMO.eval_tokens,
+                   help="held-out tokens per domain for --bias-cost")
+
+    p = _command(sub, "import-hf", help="read a transformers FlexOlmo checkpoint into a model directory",
+                 description="Read a transformers FlexOlmoForCausalLM checkpoint folder (safetensors) into a "
+                             "flexkern merged model directory, public expert = expert 0, router biases 0, so "
+                             "evaluate, opt-out, opt-in and the packages work on it. Refuses what flexkern's "
+                             "model cannot express exactly (other architectures, grouped-query attention, RoPE "
+                             "scaling, missing or misshapen tensors).",
+                 check=_import_hf_check, run=_import_hf_run, interrupted=_atomic)
+    p.add_argument("dir", metavar="DIR", help="transformers checkpoint folder (config.json, safetensors, tokenizer.json)")
+    _add_out(p, "merged", "model directory to write")
+    p.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                   help="expert names, 'public' first (default: the names an export recorded, else "
+                        "public expert_1 expert_2 ...)")
     return parser
 
 
