@@ -10,6 +10,8 @@
     flexkern tune-router --model runs/merged --owner code=code --out runs/merged-rt
     flexkern export-hf --model runs/merged --out runs/merged-hf    transformers checkpoint (FlexOlmo)
     flexkern import-hf path/to/flexolmo-hf --out runs/imported    and back
+    flexkern attribute --model runs/merged --text "def f(x):" --out runs/att     per-token provenance
+    flexkern generate --model runs/merged --prompt "The law" [--opt-out legal]
 
 This module is the only entry point: the ``flexkern`` script, ``python -m flexkern``,
 ``python -m flexkern.cli`` and owner training under torchrun (``torchrun --standalone
@@ -37,7 +39,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .flexolmo.defaults import ANCHOR, ANCHOR_PRESET, DEMO, EMBED_METHODS, EXPERT, PRESET_NAMES
+from .flexolmo.defaults import ANCHOR, ANCHOR_PRESET, DEMO, DEMO_VARIANTS, EMBED_METHODS, EXPERT, PRESET_NAMES
 
 PROG = "flexkern"
 # The [flexolmo] extra: the pipeline's third-party modules (import names).
@@ -199,7 +201,10 @@ def _demo_run(a) -> int:
     from .flexolmo.demo import run_demo
     run_demo(a.out, a.preset, install=not a.no_install, force=a.overwrite, anchor_steps=a.anchor_steps,
              expert_steps=a.expert_steps, max_bytes=a.max_bytes, eval_tokens=a.eval_tokens,
-             rt_steps=a.rt_steps, embed_method=a.embed_method, device=a.device)
+             rt_steps=a.rt_steps, embed_method=a.embed_method, device=a.device, public_share=a.public_share,
+             rt_proxy_fraction=a.rt_proxy_fraction, short_tokens=a.short_tokens, mixed_per_pair=a.mixed_per_pair,
+             bootstrap=a.bootstrap, seeds=a.seeds, variants=tuple(a.variant), topk_sweep=a.topk_sweep,
+             attribution=not a.no_attribution)
     return 0
 
 
@@ -282,6 +287,55 @@ def _evaluate_run(a) -> int:
     print(f"held-out loss (nats/token) of {a.model}, experts {res['names']}")
     _print_losses(res["rows"], res["domains"])
     print("perplexity: " + ", ".join(f"{d} {math.exp(v):.1f}" for d, v in res["rows"]["model"].items()))
+    for label, summ in res.get("summary", {}).items():
+        print(f"95% intervals, {label}: " + "; ".join(f"{s} {c['avg'][0]:.3f} [{c['avg'][1]:.3f}, {c['avg'][2]:.3f}]"
+                                       for s, c in summ.items()) + " (95% bootstrap intervals over documents)")
+    return 0
+
+
+def _attribute_check(a) -> None:
+    _model_dir("--model", a.model)
+    names = _names(a.model)
+    if len(names) == 1:
+        raise ValueError(f"--model {a.model} is a dense model: every token comes from the public FFN")
+    for name in a.opt_out:
+        _check_expert_name("--opt-out", name, names, a.model)
+    if a.file is not None and not Path(a.file).is_file():
+        raise FileNotFoundError(f"--file {a.file}: no such file")
+    for suffix in (".html", ".png"):
+        target = Path(a.out + suffix)
+        if target.exists() and not target.is_file():
+            raise ValueError(f"--out {a.out}: {target} exists and is not a file")
+    _check_device(a.device)
+
+
+def _attribute_run(a) -> int:
+    from .flexolmo.attribution import attribute_dir
+    text = a.text if a.text is not None else Path(a.file).read_text(encoding="utf-8", errors="replace")
+    res = attribute_dir(a.model, text, a.out, opt_out=a.opt_out, top_k=a.top_k, device=a.device,
+                        max_tokens=a.max_tokens)
+    print(f"{len(res['tokens'])} tokens; mean share: "
+          + ", ".join(f"{n} {v:.2f}" for n, v in res["mean_share"].items()))
+    print(f"wrote {res['html']} and {res['png']}")
+    return 0
+
+
+def _generate_check(a) -> None:
+    _model_dir("--model", a.model)
+    names = _names(a.model)
+    for name in a.opt_out:
+        _check_expert_name("--opt-out", name, names, a.model)
+    if a.top_p > 1:
+        raise ValueError(f"--top-p {a.top_p}: must be at most 1")
+    _check_device(a.device)
+
+
+def _generate_run(a) -> int:
+    from .flexolmo.generate import generate_dir
+    text = generate_dir(a.model, a.prompt, opt_out=a.opt_out, top_k=a.top_k, device=a.device,
+                        max_new_tokens=a.max_new_tokens, method=a.method, top_p=a.top_p,
+                        temperature=a.temperature, seed=a.seed)
+    print(a.prompt + text)
     return 0
 
 
@@ -342,7 +396,7 @@ def _tune_router_check(a) -> None:
 def _tune_router_run(a) -> int:
     from .flexolmo.commands import tune_router_dir
     out, losses = tune_router_dir(a.model, a.out, owners=_owners(a.owner), public=a.public,
-                                  proxy_docs=a.proxy_docs, public_docs=a.public_docs, steps=a.steps, lr=a.lr,
+                                  proxy_fraction=a.proxy_fraction, public_docs=a.public_docs, steps=a.steps, lr=a.lr,
                                   batch_size=a.batch_size, max_bytes=a.max_bytes, device=a.device,
                                   overwrite=a.overwrite)
     print(f"router tuning: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -441,6 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "hidden states (anchor)")
     p.add_argument("--device", type=_device, default=DEMO.device, help="cpu, cuda or cuda:N")
     p.add_argument("--no-install", action="store_true", help="do not pip-install missing corpora")
+    p.add_argument("--public-share", type=float, default=DEMO.public_share,
+                   help="share of every owner domain's training documents that goes into the public mix")
+    p.add_argument("--rt-proxy-fraction", type=POS_FLOAT, default=DEMO.rt_proxy_fraction,
+                   help="a proxy set holds at most this share of its owner's bytes")
+    p.add_argument("--short-tokens", type=POS_INT, default=DEMO.short_tokens,
+                   help="short-context evaluation: predicted tokens at the start of each held-out document")
+    p.add_argument("--mixed-per-pair", type=POS_INT, default=DEMO.mixed_per_pair,
+                   help="mixed-domain evaluation: windows per pair of domains")
+    p.add_argument("--bootstrap", type=POS_INT, default=DEMO.bootstrap, help="bootstrap replicates per interval")
+    p.add_argument("--seeds", type=POS_INT, default=DEMO.seeds,
+                   help="owner-training seeds for the headline comparisons (each extra seed trains 4 more experts)")
+    p.add_argument("--variant", action="append", default=[], choices=DEMO_VARIANTS,
+                   help="also train and report a variant (repeatable; default: none): extension = public-router "
+                        "loss during owner training; no-bias, random-init, bias-dropped = ablations")
+    p.add_argument("--topk-sweep", action="store_true", help="also evaluate the merged model at every top-k")
+    p.add_argument("--no-attribution", action="store_true", help="no per-token provenance figures in the report")
 
     p = _command(sub, "anchor", help="train the public (anchor) model",
                  description="Train the tokenizer and the dense public model on public data.",
@@ -485,9 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-out", action="append", default=[], metavar="NAME",
                    help="mask this expert at inference and show the loss without it (repeatable; default: none)")
     p.add_argument("--top-k", type=POS_INT, default=None, help="active experts per token (default: the model's)")
-    p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes,
-                   help="bytes per domain; must match the training's for the same held-out split")
-    p.add_argument("--eval-tokens", type=POS_INT, default=DEMO.eval_tokens, help="held-out tokens per domain")
+    p.add_argument("--max-bytes", type=POS_INT, default=None,
+                   help="bytes per domain; must match the training's for the same held-out split "
+                        "(default: the model's recorded settings, else %d)" % DEMO.max_bytes)
+    p.add_argument("--eval-tokens", type=POS_INT, default=None,
+                   help="held-out tokens per domain (default: the model's recorded settings, else %d)" % DEMO.eval_tokens)
     p.add_argument("--seq-len", type=POS_INT, default=None, help="tokens per window (default: the model's)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
 
@@ -507,22 +579,59 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(p, "merged model", "model directory to write")
 
     p = _command(sub, "tune-router", help="train only the router rows on small proxy sets",
-                 description="Router tuning: every expert active, only router rows and biases train, on the "
-                             "public documents closest to each owner's domain embedding plus a public sample.",
+                 description="Router tuning: every expert active, only router rows (the public one too) and "
+                             "biases train, on each owner's proxy set (the public documents an owner-vs-public "
+                             "classifier on sentence embeddings scores highest, fitted on the owner's side) "
+                             "plus a public sample, drawn uniformly.",
                  check=_tune_router_check, run=_tune_router_run, interrupted=_atomic)
     p.add_argument("--model", required=True, help="merged model directory")
     _add_out(p, "merged model", "tuned model directory to write")
     p.add_argument("--owner", action="append", default=[], metavar="NAME=SOURCE",
                    help="an owner's data, used on its side to pick its proxy documents (repeatable; default: none)")
     p.add_argument("--public", nargs="+", default=None,
-                   help=f"public data, each {SOURCE_HELP} (default: encyclopedia literature)")
-    p.add_argument("--proxy-docs", type=POS_INT, default=DEMO.rt_proxy_docs, help="public documents per owner")
+                   help=f"public data, each {SOURCE_HELP} (default: the demo's public mix: encyclopedia, "
+                        "literature and a share of every owner domain)")
+    p.add_argument("--proxy-fraction", type=POS_FLOAT, default=DEMO.rt_proxy_fraction,
+                   help="a proxy set holds at most this share of its owner's bytes (the paper: << 1%%)")
     p.add_argument("--public-docs", type=POS_INT, default=DEMO.rt_public_docs,
                    help="public documents added to every proxy set")
     p.add_argument("--steps", type=POS_INT, default=DEMO.rt_steps, help="optimizer steps")
     p.add_argument("--lr", type=POS_FLOAT, default=DEMO.rt_lr, help="learning rate")
     p.add_argument("--batch-size", type=POS_INT, default=DEMO.batch_size, help="windows per step")
-    p.add_argument("--max-bytes", type=POS_INT, default=DEMO.max_bytes, help="bytes per data source")
+    p.add_argument("--max-bytes", type=POS_INT, default=None,
+                   help="bytes per data source (default: the model's recorded settings, else %d)" % DEMO.max_bytes)
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+
+    p = _command(sub, "attribute", help="per-token provenance: each owner's share of every token's FFN output",
+                 description="For every token of the text, the share of each expert in the token's FFN output "
+                             "over all layers (routing weight x expert output norm, normalised to sum to one); "
+                             "writes OUT.html (tokens shaded by their largest share) and OUT.png (heatmap).",
+                 check=_attribute_check, run=_attribute_run, interrupted=lambda a: "nothing was written")
+    p.add_argument("--model", required=True, help="merged model directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the text to attribute (this or --file is required; no default)")
+    src.add_argument("--file", help="a UTF-8 text file to attribute (this or --text is required; no default)")
+    p.add_argument("--out", required=True, help="output prefix: writes OUT.html and OUT.png")
+    p.add_argument("--opt-out", action="append", default=[], metavar="NAME",
+                   help="mask this expert first (repeatable; default: none); its share is then 0")
+    p.add_argument("--top-k", type=POS_INT, default=None, help="active experts per token (default: the model's)")
+    p.add_argument("--max-tokens", type=POS_INT, default=None, help="tokens to attribute (default: the model's seq_len)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+
+    p = _command(sub, "generate", help="generate text from a model (greedy or top-p), optionally with experts opted out",
+                 description="Continue a prompt with the model, greedy or nucleus (top-p) sampling; "
+                             "--opt-out masks experts first, as an owner's opt-out would.",
+                 check=_generate_check, run=_generate_run, interrupted=lambda a: "nothing was written")
+    p.add_argument("--model", required=True, help="model directory (anchor or merged)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=POS_INT, default=50, help="tokens to generate")
+    p.add_argument("--method", default="greedy", choices=("greedy", "top-p"), help="decoding: greedy or nucleus sampling")
+    p.add_argument("--top-p", type=POS_FLOAT, default=0.9, help="nucleus mass for --method top-p")
+    p.add_argument("--temperature", type=POS_FLOAT, default=1.0, help="softmax temperature for --method top-p")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --method top-p")
+    p.add_argument("--opt-out", action="append", default=[], metavar="NAME",
+                   help="mask this expert (repeatable; default: none)")
+    p.add_argument("--top-k", type=POS_INT, default=None, help="active experts per token (default: the model's)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
 
     p = _command(sub, "export-hf", help="write a model as a transformers checkpoint (FlexOlmo / OLMo-2)",

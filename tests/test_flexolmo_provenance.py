@@ -97,3 +97,20 @@ def test_attribute_and_generate_on_a_model_directory(tmp_path):
     assert isinstance(g1, str) and g1 == generate_dir(path, "alpha beta", max_new_tokens=8, opt_out=["a"])
     with pytest.raises(ValueError):
         generate_dir(path, "alpha", opt_out=["nobody"])
+
+
+def test_attribute_and_generate_commands(tmp_path):
+    import subprocess
+    import sys
+    path, _ = _model_dir(tmp_path)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flexkern.cli", *map(str, args)], capture_output=True, text=True)
+    p = cli("attribute", "--model", path, "--text", "alpha betas gamma delta law", "--out", tmp_path / "a",
+            "--opt-out", "b")
+    assert p.returncode == 0, p.stderr
+    assert "b 0.00" in p.stdout and (tmp_path / "a.html").is_file() and (tmp_path / "a.png").is_file()
+    g = cli("generate", "--model", path, "--prompt", "alpha beta", "--max-new-tokens", "5", "--opt-out", "a")
+    assert g.returncode == 0 and g.stdout.startswith("alpha beta"), g.stderr
+    bad = cli("generate", "--model", path, "--prompt", "x", "--opt-out", "nobody")
+    assert bad.returncode == 2 and "nobody" in bad.stderr

@@ -1,10 +1,11 @@
 """The pipeline steps behind ``flexkern evaluate`` and ``flexkern tune-router``: a model directory
 in, results (or a new directory) out. The command line only parses and checks its arguments and
-calls these; the work itself is in evaluate.py, router_tuning.py, merge.py and checkpoint.py.
+calls these; the work itself is in eval_suite.py, router_tuning.py, merge.py and checkpoint.py.
 
     expert_names        the expert names of a model directory, read from its files (no weights loaded)
-    evaluate_model_dir  per-domain held-out loss, optionally with experts opted out by mask
-    tune_router_dir     router tuning on public proxy sets -> a new model directory
+    evaluate_model_dir  the evaluation suite (held-out, short-context, mixed-domain, 95% intervals),
+                        optionally with experts opted out by mask
+    tune_router_dir     router tuning on classifier-picked proxy sets -> a new model directory
 """
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from pathlib import Path
 
 from .checkpoint import (CONFIG_FILE, EXPERTS_FILE, TOKENIZER_FILE, CheckpointError, read_json,
                          read_public_embedding, write_model_dir)
-from .data import DOMAINS, PUBLIC_DOMAINS, load_documents, split_documents
 from .defaults import DEMO
-from .merge import PUBLIC, load_model, mask_experts
+from .merge import PUBLIC, load_model
 
 
 def expert_names(model_dir) -> list[str]:
@@ -34,62 +34,50 @@ def expert_names(model_dir) -> list[str]:
 def evaluate_model_dir(model_dir, *, data=None, opt_out=(), top_k: int | None = None,
                        max_bytes: int | None = None, eval_tokens: int | None = None,
                        seq_len: int | None = None, device: str = "cpu") -> dict:
-    """Held-out loss per domain of a model directory (anchor or merged).
+    """The evaluation suite (``eval_suite.evaluate_dir``) on a model directory.
 
-    Returns {"names": expert names, "domains": [...], "rows": {label: {domain: loss}}} with the
-    rows "model" and "without NAME" for each name in ``opt_out`` (masked at inference, top-k
-    lowered to the active experts when fewer remain, as in the checkpoint ``opt_out`` writes).
-    Defaults: all six domains, the demo's max_bytes and eval_tokens, the model's seq_len.
+    Settings not given come from the model's ``eval_settings.json`` (written by the demo), so the
+    demo's models give the report's numbers; without it, ``eval_suite.EvalSettings``' defaults.
+    Returns {"names", "domains", "settings", "rows": {label: {domain: held-out loss}},
+    "summary": {label: {set: {group: [point, low, high]}}}, "paired": {label: {set: diff}}}.
     """
-    from .evaluate import domain_losses, heldout_streams
-    from .tokenizer import load_tokenizer
+    from .eval_suite import evaluate_dir
 
-    model, names = load_model(model_dir, device)
-    if top_k is not None:
-        model.set_top_k(top_k)
-    tok = load_tokenizer(Path(model_dir) / TOKENIZER_FILE)
-    streams = heldout_streams(tok, list(data or DOMAINS), DEMO.max_bytes if max_bytes is None else max_bytes)
-    seq_len = seq_len or model.config.seq_len
-    eval_tokens = DEMO.eval_tokens if eval_tokens is None else eval_tokens
-    rows = {"model": domain_losses(model, streams, seq_len, eval_tokens)}
-    k = model.config.top_k
-    for name in opt_out:
-        model.set_top_k(min(k, len(names) - 1))  # what opt_out's checkpoint without the expert keeps
-        mask_experts(model, [name], names)
-        rows[f"without {name}"] = domain_losses(model, streams, seq_len, eval_tokens)
-        model.set_expert_mask([True] * len(names))
-        model.set_top_k(k)
-    return {"names": names, "domains": list(streams), "rows": rows}
+    return evaluate_dir(model_dir, data=data, opt_out=opt_out, top_k=top_k, device=device,
+                        max_bytes=max_bytes, eval_tokens=eval_tokens, seq_len=seq_len)
 
 
 def tune_router_dir(model_dir, out_dir, *, owners: dict[str, str], public=None,
-                    proxy_docs: int = DEMO.rt_proxy_docs, public_docs: int = DEMO.rt_public_docs,
+                    proxy_fraction: float = DEMO.rt_proxy_fraction, public_docs: int = DEMO.rt_public_docs,
                     steps: int = DEMO.rt_steps, lr: float = DEMO.rt_lr, batch_size: int = DEMO.batch_size,
-                    max_bytes: int | None = DEMO.max_bytes, device: str = "cpu",
+                    max_bytes: int | None = None, device: str = "cpu",
                     overwrite: bool = False) -> tuple[Path, list[float]]:
-    """Tune the router rows of a merged model on public proxy sets and write it to ``out_dir``.
+    """Router tuning (``router_tuning.run_router_tuning``, the demo's too) -> a new model directory.
 
-    ``owners``: {expert name: its data source}, used on the owner's side to pick the public
-    documents closest to its domain embedding. Returns (out_dir, loss per step).
+    ``owners``: {expert name: its data source}; each owner's classifier picks its proxy set from the
+    public documents on its side. ``public`` None: the demo's public mix. ``max_bytes`` None: the
+    model's recorded settings (``eval_settings.json``), else the demo's. Returns (out_dir, loss per step).
     """
-    from .router_tuning import proxy_streams, tune_router
+    from .eval_suite import load_settings, save_settings
+    from .router_tuning import RouterTuningConfig, run_router_tuning, tuning_data
     from .tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     public_row, method = read_public_embedding(model_dir)
-    if method == "anchor":
-        raise ValueError(f"{model_dir}: its router rows come from the anchor's hidden states; proxy "
-                         "selection here needs the MiniLM embedder (a model built with --embed-method minilm)")
     model, names = load_model(model_dir, device)
     unknown = sorted(set(owners) - set(names[1:]))
     if unknown:
         raise ValueError(f"no owner expert named {unknown} in {model_dir}; owner experts: {names[1:]}")
     tok = load_tokenizer(model_dir / TOKENIZER_FILE)
-    public_docs_all = [d for s in (public or PUBLIC_DOMAINS) for d in split_documents(load_documents(s, max_bytes))[0]]
-    owner_docs = {n: split_documents(load_documents(src, max_bytes))[0] for n, src in owners.items()}
-    streams = proxy_streams(tok, public_docs_all, owner_docs, proxy_docs=proxy_docs, public_docs=public_docs)
-    losses = tune_router(model, streams, steps=steps, batch_size=batch_size, lr=lr)
+    settings = load_settings(model_dir)
+    mb = max_bytes if max_bytes is not None else (settings.max_bytes if settings else DEMO.max_bytes)
+    pub, own = tuning_data(owners, public, mb, settings.public_share if settings else None)
+    cfg = RouterTuningConfig(steps=steps, lr=lr, batch_size=batch_size, proxy_fraction=proxy_fraction,
+                             public_docs=public_docs, seq_len=settings.seq_len if settings else None)
+    res = run_router_tuning(model, tok, pub, own, cfg)
     info = read_json(model_dir / EXPERTS_FILE)
     out = write_model_dir(out_dir, model.cpu(), model_dir / TOKENIZER_FILE, public_row, method, info,
                           overwrite=overwrite, inputs=(model_dir,))
-    return out, losses
+    if settings is not None:
+        save_settings(out, settings)
+    return out, res["losses"]

@@ -40,6 +40,13 @@ class DemoDefaults:
     batch_size: int = 8
     device: str = "cpu"
     embed_method: str = "minilm"
+    public_share: float = 0.08      # of every owner domain's training documents, made public
+    rt_proxy_fraction: float = 0.01  # a proxy set holds at most this share of its owner's bytes
+    short_tokens: int = 48          # short-context evaluation: first tokens of each held-out document
+    mixed_per_pair: int = 4         # mixed-domain windows per pair of domains
+    bootstrap: int = 1000           # bootstrap replicates of every interval
+    seeds: int = 1                  # owner-training seeds for the headline comparisons
 
 
 DEMO = DemoDefaults()
+DEMO_VARIANTS = ("extension", "no-bias", "random-init", "bias-dropped")  # = demo.VARIANTS

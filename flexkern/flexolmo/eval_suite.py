@@ -343,8 +343,10 @@ def is_finite_summary(summary: dict) -> bool:
 def evaluate_dir(model_dir, *, data=None, opt_out=(), top_k: int | None = None, device: str = "cpu",
                  settings: EvalSettings | None = None, **overrides) -> dict:
     """The suite on a model directory, with the settings recorded next to it (``eval_settings.json``,
-    written by the demo) unless given; ``overrides`` (seq_len, eval_tokens, max_bytes, ... not None)
-    replace single fields. Opt-out rows mask the named experts at inference.
+    written by the demo) unless given (no record: the defaults with the model's own seq_len);
+    ``overrides`` (seq_len, eval_tokens, max_bytes, ... not None) replace single fields. Opt-out rows
+    mask the named experts at inference, top-k lowered to the active experts when fewer remain (as
+    in the checkpoint ``merge.opt_out`` writes).
 
     Returns {"names", "domains", "settings", "rows": {label: {domain: held-out loss}},
     "summary": {label: {set: {group: [point, low, high]}}}, "paired": {label: {set: diff vs model}}}.
@@ -360,8 +362,7 @@ def evaluate_dir(model_dir, *, data=None, opt_out=(), top_k: int | None = None, 
         raise ValueError(f"unknown evaluation settings {sorted(bad)}")
     model, names = load_model(model_dir, device)
     # without recorded settings: the defaults, windows of the model's own length
-    settings = settings or load_settings(model_dir) or EvalSettings(seq_len=min(EvalSettings.seq_len,
-                                                                                model.config.seq_len))
+    settings = settings or load_settings(model_dir) or EvalSettings(seq_len=model.config.seq_len)
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     unknown = [n for n in opt_out if n not in names[1:]]
     if unknown:
@@ -375,10 +376,13 @@ def evaluate_dir(model_dir, *, data=None, opt_out=(), top_k: int | None = None, 
             for s in (data or DOMAINS)}
     sets = build_eval_sets(tok, held, settings)
     scores = {"model": score_model(model, sets, settings.batch_size)}
+    k = model.config.top_k if model.moe_layers() else None
     for name in opt_out:
+        model.set_top_k(min(k, len(names) - 1))  # what opt_out's checkpoint without the expert keeps
         mask_experts(model, [name], names)
         scores[f"without {name}"] = score_model(model, sets, settings.batch_size)
         model.set_expert_mask([True] * len(names))
+        model.set_top_k(k)
     boot = Bootstrap(scores["model"], settings.bootstrap, settings.bootstrap_seed)
     summary = {k: boot.summarize(v) for k, v in scores.items()}
     paired = {k: {s: boot.paired(v, scores["model"], s) for s in sets} for k, v in scores.items() if k != "model"}
