@@ -266,6 +266,9 @@ def _evaluate_check(a) -> None:
     for s in a.data or ():
         _source("--data", s)
     _check_device(a.device)
+    if a.expert_parallel:
+        from .distributed.flexolmo import check_world
+        check_world(a.expert_parallel, len(names), a.model)
 
 
 def _print_losses(rows: dict[str, dict[str, float]], domains: list[str]) -> None:
@@ -282,8 +285,15 @@ def _evaluate_run(a) -> int:
     import math
 
     from .flexolmo.commands import evaluate_model_dir
+    if a.expert_parallel:  # the same evaluation with the experts spread over the torchrun ranks
+        from functools import partial
+
+        from .distributed import flexolmo as ep
+        evaluate_model_dir = partial(ep.evaluate_model_dir, expert_parallel_size=a.expert_parallel)
     res = evaluate_model_dir(a.model, data=a.data, opt_out=a.opt_out, top_k=a.top_k, max_bytes=a.max_bytes,
                              eval_tokens=a.eval_tokens, seq_len=a.seq_len, device=a.device)
+    if res.get("rank", 0):
+        return 0  # rank 0 prints
     print(f"held-out loss (nats/token) of {a.model}, experts {res['names']}")
     _print_losses(res["rows"], res["domains"])
     print("perplexity: " + ", ".join(f"{d} {math.exp(v):.1f}" for d, v in res["rows"]["model"].items()))
@@ -391,14 +401,24 @@ def _tune_router_check(a) -> None:
         _source("--public", s)
     _check_device(a.device)
     _check_out(a.out, "merged", a.overwrite, [a.model, *_folders([*owners.values(), *(a.public or ())])])
+    if a.expert_parallel:
+        from .distributed.flexolmo import check_world
+        check_world(a.expert_parallel, len(names), a.model)
 
 
 def _tune_router_run(a) -> int:
     from .flexolmo.commands import tune_router_dir
+    if a.expert_parallel:  # the same tuning with the experts spread over the torchrun ranks; rank 0 writes
+        from functools import partial
+
+        from .distributed import flexolmo as ep
+        tune_router_dir = partial(ep.tune_router_dir, expert_parallel_size=a.expert_parallel)
     out, losses = tune_router_dir(a.model, a.out, owners=_owners(a.owner), public=a.public,
                                   proxy_fraction=a.proxy_fraction, public_docs=a.public_docs, steps=a.steps, lr=a.lr,
                                   batch_size=a.batch_size, max_bytes=a.max_bytes, device=a.device,
                                   overwrite=a.overwrite)
+    if a.expert_parallel and int(os.environ.get("RANK", "0")):
+        return 0  # rank 0 prints
     print(f"router tuning: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     print(f"wrote {out}")
     return 0
@@ -562,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out tokens per domain (default: the model's recorded settings, else %d)" % DEMO.eval_tokens)
     p.add_argument("--seq-len", type=POS_INT, default=None, help="tokens per window (default: the model's)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--expert-parallel", type=POS_INT, default=None, metavar="N",
+                   help="spread each MoE layer's experts over N ranks (run under torchrun --nproc_per_node=N; "
+                        "every rank runs the same windows, rank 0 prints; default: one process)")
 
     p = _command(sub, "opt-out", help="write a copy of a merged model without one expert",
                  description="Write a new model directory without expert NAME (its weights are gone); "
@@ -601,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bytes", type=POS_INT, default=None,
                    help="bytes per data source (default: the model's recorded settings, else %d)" % DEMO.max_bytes)
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--expert-parallel", type=POS_INT, default=None, metavar="N",
+                   help="spread each MoE layer's experts over N ranks (run under torchrun --nproc_per_node=N; "
+                        "every rank runs the same batches, rank 0 writes; default: one process)")
 
     p = _command(sub, "attribute", help="per-token provenance: each owner's share of every token's FFN output",
                  description="For every token of the text, the share of each expert in the token's FFN output "

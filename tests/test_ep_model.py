@@ -121,48 +121,41 @@ def test_fsdp2_over_flexmoe_layers():
     spawn("scenario_fsdp2", 2, __name__)
 
 
-def _as_minilm_model(checkpoint_module):
-    """Pretend the test model's router rows came from MiniLM (router tuning refuses anchor-embedded
-    models, and a MiniLM-width model is too big for a unit test); the proxy classifier still runs."""
-    orig = checkpoint_module.read_public_embedding
-    return lambda d: (orig(d)[0], "minilm")
-
-
 def scenario_model_dirs(rank, world):
+    import json
     import os
 
     from flexkern.distributed.flexolmo import evaluate_model_dir, tune_router_dir
-    from flexkern.flexolmo import checkpoint
     from flexkern.flexolmo.merge import load_model
 
-    merged, data, expected = os.environ["EP_TEST_MODEL"], os.environ["EP_TEST_DATA"], os.environ["EP_TEST_LOSS"]
-    res = evaluate_model_dir(merged, expert_parallel_size=world, data=[data], opt_out=["law"], eval_tokens=256)
-    got = [res["rows"]["model"][data], res["rows"]["without law"][data]]
-    want = [float(v) for v in expected.split(",")]
-    assert all(abs(g - w) < 1e-4 for g, w in zip(got, want)), (got, want)
-    assert res["world_size"] == world
+    env = json.loads(os.environ["EP_TEST"])
+    res = evaluate_model_dir(env["merged"], expert_parallel_size=world, **env["eval_kwargs"])
+    assert res["world_size"] == world and res["rank"] == rank
+    assert res["rows"].keys() == env["rows"].keys()
+    for label, losses in env["rows"].items():
+        assert res["rows"][label] == pytest.approx(losses, abs=1e-4), label
     with pytest.raises(ValueError, match="needs 4 ranks"):
-        evaluate_model_dir(merged, expert_parallel_size=4, data=[data])
-    # router tuning expert-parallel == in one process (os.environ["EP_TEST_TUNED"], written by the parent)
-    checkpoint.read_public_embedding = _as_minilm_model(checkpoint)
-    out = os.environ["EP_TEST_TUNED"] + "-ep"
-    _, losses = tune_router_dir(merged, out, expert_parallel_size=world, owners={"law": data},
-                                public=[os.environ["EP_TEST_PUBLIC"]], steps=2, batch_size=2, max_bytes=20000)
+        evaluate_model_dir(env["merged"], expert_parallel_size=4, **env["eval_kwargs"])
+    # router tuning expert-parallel == in one process; only rank 0 writes
+    out = env["tuned"] + "-ep"
+    got_out, losses = tune_router_dir(env["merged"], out, expert_parallel_size=world, **env["tune_kwargs"])
+    assert losses == pytest.approx(env["losses"], abs=1e-4)
+    dist.barrier()
     if rank == 0:
-        want_model, _ = load_model(os.environ["EP_TEST_TUNED"])
-        got_model, _ = load_model(out)
+        want_model, _ = load_model(env["tuned"])
+        got_model, _ = load_model(got_out)
         ref = dict(want_model.named_parameters())
         for name, p in got_model.named_parameters():
             torch.testing.assert_close(p, ref[name], **TOL, msg=lambda s: f"{name}: {s}")
-        assert [float(v) for v in os.environ["EP_TEST_RT_LOSSES"].split(",")] == pytest.approx(losses, abs=1e-4)
 
 
 def test_evaluate_and_tune_a_merged_model_dir_expert_parallel(tmp_path, monkeypatch):
-    """A micro anchor + one owner merged (2 experts): evaluated and router-tuned over 2 ranks ==
-    in one process."""
+    """A micro anchor + one owner merged (2 experts): the pipeline's evaluation and router tuning
+    over 2 expert-parallel ranks == in one process."""
+    import json
     import random
 
-    from flexkern.flexolmo import checkpoint, commands
+    from flexkern.flexolmo import commands
     from flexkern.flexolmo.merge import merge
     from flexkern.flexolmo.train import train_anchor, train_expert
 
@@ -180,13 +173,31 @@ def test_evaluate_and_tune_a_merged_model_dir_expert_parallel(tmp_path, monkeypa
                           embed_method="anchor", log=False)
     package = train_expert(anchor, str(law), tmp_path / "packages", name="law", steps=2, batch_size=4, log=False)
     merged = merge(anchor, [package], tmp_path / "merged")
-    res = commands.evaluate_model_dir(merged, data=[str(law)], opt_out=["law"], eval_tokens=256)
-    want = [res["rows"]["model"][str(law)], res["rows"]["without law"][str(law)]]
-    monkeypatch.setattr(commands, "read_public_embedding", _as_minilm_model(checkpoint))
-    tuned, losses = commands.tune_router_dir(merged, tmp_path / "tuned", owners={"law": str(law)},
-                                             public=[str(public)], steps=2, batch_size=2, max_bytes=20000)
-    for k, v in {"EP_TEST_MODEL": merged, "EP_TEST_DATA": law, "EP_TEST_PUBLIC": public,
-                 "EP_TEST_LOSS": ",".join(repr(v) for v in want), "EP_TEST_TUNED": tuned,
-                 "EP_TEST_RT_LOSSES": ",".join(repr(v) for v in losses)}.items():
-        monkeypatch.setenv(k, str(v))
+    eval_kwargs = dict(data=[str(law)], opt_out=["law"], eval_tokens=256, max_bytes=20000)
+    res = commands.evaluate_model_dir(merged, **eval_kwargs)
+    tune_kwargs = dict(owners={"law": str(law)}, public=[str(public)], steps=2, batch_size=2, max_bytes=20000)
+    tuned, losses = commands.tune_router_dir(merged, tmp_path / "tuned", **tune_kwargs)
+    monkeypatch.setenv("EP_TEST", json.dumps({
+        "merged": str(merged), "tuned": str(tuned), "eval_kwargs": eval_kwargs, "tune_kwargs": tune_kwargs,
+        "rows": res["rows"], "losses": losses}))
     spawn("scenario_model_dirs", 2, __name__)
+    # the command line: torchrun ... flexkern evaluate --expert-parallel 2 prints the same table once
+    import os
+    import subprocess
+    import sys
+
+    from test_ep import free_port
+    args = ["-m", "flexkern", "evaluate", "--model", str(merged), "--data", str(law), "--opt-out", "law",
+            "--eval-tokens", "256", "--max-bytes", "20000", "--expert-parallel", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "EP_TEST")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                          f"--master_port={free_port()}", *args], env=env, capture_output=True, text=True,
+                         timeout=240, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = subprocess.run([sys.executable, *args[:-2]], env=env, capture_output=True, text=True,
+                            timeout=240, cwd=tmp_path)
+    table = [ln for ln in single.stdout.splitlines() if ln.startswith(("model", "without"))]
+    assert table and [ln for ln in run.stdout.splitlines() if ln.startswith(("model", "without"))] == table
+    alone = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=240,
+                           cwd=tmp_path)
+    assert alone.returncode == 2 and "torchrun --standalone --nproc_per_node=2" in alone.stderr

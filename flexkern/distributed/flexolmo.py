@@ -1,15 +1,23 @@
 """FlexOlmo models with expert-parallel MoE layers, under ``torchrun``.
 
     torchrun --standalone --nproc_per_node=N -m flexkern evaluate --model runs/merged --expert-parallel N
+    torchrun --standalone --nproc_per_node=N -m flexkern tune-router --model runs/merged \\
+        --owner code=code --out runs/merged-rt --expert-parallel N
 
-Every rank loads the same model directory, keeps the attention, embeddings and router whole and
-only its slice of each layer's experts (``expert_parallel``); the held-out windows are split over
-the ranks (``stream_loss``), so N ranks hold 1/N of the experts each and score 1/N of the windows.
-Losses equal the single-process ones up to float summation order.
+``evaluate_model_dir`` and ``tune_router_dir`` run the pipeline's one implementation
+(``flexolmo.commands``) on every rank, with the model loading swapped for one that keeps only this
+rank's slice of each layer's experts (``expert_parallel``; attention, embeddings and routers stay
+whole). Every rank runs the same windows and batches, so the results are those of one process
+(up to float summation order) on every rank: the experts' memory is split N ways, their work per
+rank is what one device does, the rest of the model runs on every rank. ``tune_router_dir``
+checks that the ranks' routers stayed identical, gathers the experts back and lets rank 0 write.
+
+``stream_loss`` is the faster form for a loop of one's own: the windows split over the ranks.
 """
 from __future__ import annotations
 
-import math
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -60,19 +68,55 @@ def stream_loss(model: nn.Module, stream: torch.Tensor, seq_len: int, max_tokens
     return float(total[0] / total[1])
 
 
-def evaluate_model_dir(model_dir, *, expert_parallel_size: int, data=None, opt_out=(), top_k: int | None = None,
-                       max_bytes: int | None = None, eval_tokens: int | None = None,
-                       seq_len: int | None = None, device: str = "cpu") -> dict:
-    """``flexolmo.commands.evaluate_model_dir`` with the MoE layers expert-parallel over the
-    torchrun world (which must have ``expert_parallel_size`` ranks); same result dict, on every
-    rank. Sets up the process group (gloo on the CPU, nccl on CUDA) when torchrun has not."""
+def check_world(n: int, num_experts: int, model) -> None:
+    """Before any work (the command line's check): the torchrun world must have ``n`` ranks and
+    the experts must split evenly over them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != n:
+        how = "no torchrun environment" if "WORLD_SIZE" not in os.environ else f"WORLD_SIZE={world}"
+        raise ValueError(f"--expert-parallel {n} needs {n} processes ({how}): run it as "
+                         f"torchrun --standalone --nproc_per_node={n} -m flexkern ...")
+    if num_experts < 2:
+        raise ValueError(f"--expert-parallel: {model} is a dense model; it has no experts to spread")
+    if num_experts % n:
+        raise ValueError(f"--expert-parallel {n}: {model} has {num_experts} experts, not divisible by {n}")
+
+
+@contextlib.contextmanager
+def _patched(*targets):
+    """Set (module, name, value) attributes for the duration of the block, then restore them."""
+    saved = [(m, n, getattr(m, n)) for m, n, _ in targets]
+    try:
+        for m, n, v in targets:
+            setattr(m, n, v)
+        yield
+    finally:
+        for m, n, v in saved:
+            setattr(m, n, v)
+
+
+def _sharded_loading(world: int):
+    """merge.load_model (as the pipeline calls it) returning expert-parallel models."""
+    from ..flexolmo import commands, merge
+
+    load = merge.load_model
+
+    def load_sharded(model_dir, device="cpu"):
+        model, names = load(model_dir, device)
+        if model.moe_layers():
+            if len(names) % world:
+                raise ValueError(f"{model_dir} has {len(names)} experts, not divisible by "
+                                 f"--expert-parallel {world}")
+            expert_parallel(model)
+        return model, names
+
+    return [(merge, "load_model", load_sharded), (commands, "load_model", load_sharded)]
+
+
+def _run(expert_parallel_size: int, device: str, fn, *args, **kwargs):
+    """fn(*args, device=this rank's device, **kwargs) with expert-parallel loading, inside the
+    torchrun process group (set up here when torchrun has not). Returns (result, DistInfo)."""
     from ..flexolmo import distributed as fdist
-    from ..flexolmo.checkpoint import TOKENIZER_FILE
-    from ..flexolmo.data import DOMAINS
-    from ..flexolmo.defaults import DEMO
-    from ..flexolmo.evaluate import heldout_streams
-    from ..flexolmo.merge import load_model, mask_experts
-    from ..flexolmo.tokenizer import load_tokenizer
 
     info = fdist.setup(device)
     try:
@@ -80,95 +124,49 @@ def evaluate_model_dir(model_dir, *, expert_parallel_size: int, data=None, opt_o
             raise ValueError(f"--expert-parallel {expert_parallel_size} needs {expert_parallel_size} ranks, "
                              f"this run has {info.world_size}: start it with torchrun --nproc_per_node="
                              f"{expert_parallel_size}")
-        model, names = load_model(model_dir, info.device)
-        if not model.moe_layers():
-            raise ValueError(f"{model_dir} is a dense model; it has no experts to spread over ranks")
-        if len(names) % expert_parallel_size:
-            raise ValueError(f"{model_dir} has {len(names)} experts, not divisible by "
-                             f"--expert-parallel {expert_parallel_size}")
-        expert_parallel(model)
-        if top_k is not None:
-            model.set_top_k(top_k)
-        tok = load_tokenizer(Path(model_dir) / TOKENIZER_FILE)
-        streams = heldout_streams(tok, list(data or DOMAINS), DEMO.max_bytes if max_bytes is None else max_bytes)
-        seq_len = seq_len or model.config.seq_len
-        eval_tokens = DEMO.eval_tokens if eval_tokens is None else eval_tokens
-
-        def losses():
-            return {name: stream_loss(model, s, seq_len, eval_tokens) for name, s in streams.items()}
-
-        rows = {"model": losses()}
-        k = model.config.top_k
-        for name in opt_out:
-            model.set_top_k(min(k, len(names) - 1))
-            mask_experts(model, [name], names)
-            rows[f"without {name}"] = losses()
-            model.set_expert_mask([True] * len(names))
-            model.set_top_k(k)
-        return {"names": names, "domains": list(streams), "rows": rows, "rank": info.rank,
-                "world_size": info.world_size}
+        with _patched(*_sharded_loading(info.world_size)):
+            out = fn(*args, device=str(info.device), **kwargs)
+        dist.barrier()
+        return out, info
     finally:
         fdist.teardown(info)
 
 
-def tune_router_dir(model_dir, out_dir, *, expert_parallel_size: int, owners: dict[str, str], public=None,
-                    device: str = "cpu", overwrite: bool = False, **kwargs):
-    """``flexolmo.commands.tune_router_dir`` with the MoE layers expert-parallel over the torchrun
-    world: rank 0 picks the proxy sets and broadcasts the token streams, every rank tunes the
-    same replicated router on the same batches (the experts' work is split, the rest repeated),
-    the routers are checked identical across ranks, the experts are gathered back and rank 0
-    writes ``out_dir``. ``kwargs``: proxy_docs, public_docs, steps, lr, batch_size, max_bytes.
-    Returns (out_dir, loss per step) on every rank."""
+def evaluate_model_dir(model_dir, *, expert_parallel_size: int, device: str = "cpu", **kwargs) -> dict:
+    """``flexolmo.commands.evaluate_model_dir`` with the MoE layers expert-parallel over the
+    torchrun world (``expert_parallel_size`` ranks): the same result dict on every rank, plus
+    "rank" and "world_size"."""
     from ..flexolmo import commands
-    from ..flexolmo import distributed as fdist
-    from ..flexolmo.checkpoint import EXPERTS_FILE, TOKENIZER_FILE, read_json, read_public_embedding, write_model_dir
-    from ..flexolmo.data import PUBLIC_DOMAINS, load_documents, split_documents
-    from ..flexolmo.merge import load_model
-    from ..flexolmo.router_tuning import proxy_streams, tune_router
-    from ..flexolmo.tokenizer import load_tokenizer
 
-    opts = {k: v for k, v in commands.tune_router_dir.__kwdefaults__.items()
-            if k not in ("owners", "public", "device", "overwrite")}
-    unknown = set(kwargs) - set(opts)
-    if unknown:
-        raise TypeError(f"unknown arguments {sorted(unknown)}")
-    opts.update(kwargs)
-    info = fdist.setup(device)
-    try:
-        if info.world_size != expert_parallel_size:
-            raise ValueError(f"--expert-parallel {expert_parallel_size} needs {expert_parallel_size} ranks, "
-                             f"this run has {info.world_size}")
-        model_dir = Path(model_dir)
-        public_row, method = read_public_embedding(model_dir)
-        if method == "anchor":
-            raise ValueError(f"{model_dir}: its router rows come from the anchor's hidden states; proxy "
-                             "selection needs the MiniLM embedder (a model built with --embed-method minilm)")
-        model, names = load_model(model_dir, info.device)
-        unknown = sorted(set(owners) - set(names[1:]))
-        if unknown:
-            raise ValueError(f"no owner expert named {unknown} in {model_dir}; owner experts: {names[1:]}")
-        tok = load_tokenizer(model_dir / TOKENIZER_FILE)
-        box = [None]
-        if info.rank == 0:
-            mb = opts["max_bytes"]
-            public_docs = [d for s in (public or PUBLIC_DOMAINS) for d in split_documents(load_documents(s, mb))[0]]
-            owner_docs = {n: split_documents(load_documents(src, mb))[0] for n, src in owners.items()}
-            box[0] = proxy_streams(tok, public_docs, owner_docs, proxy_docs=opts["proxy_docs"],
-                                   public_docs=opts["public_docs"])
-        dist.broadcast_object_list(box, src=0)
-        expert_parallel(model)
-        losses = tune_router(model, box[0], steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"],
-                             progress=info.rank == 0)
+    res, info = _run(expert_parallel_size, device, commands.evaluate_model_dir, model_dir, **kwargs)
+    return {**res, "rank": info.rank, "world_size": info.world_size}
+
+
+def tune_router_dir(model_dir, out_dir, *, expert_parallel_size: int, device: str = "cpu", **kwargs):
+    """``flexolmo.commands.tune_router_dir`` with the MoE layers expert-parallel: every rank tunes
+    the replicated router on the same batches; before writing, the routers are checked identical
+    across ranks and the experts gathered back, and only rank 0 writes ``out_dir``. Returns
+    (out_dir, loss per step) on every rank."""
+    from ..flexolmo import commands, eval_suite
+
+    write, save = commands.write_model_dir, eval_suite.save_settings
+
+    def write_gathered(out, model, *args, **kw):
+        # The pipeline hands over model.cpu(); NCCL collectives need the GPU copy back.
+        dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        if dev is not None:
+            model.to(dev)
         _check_same_router(model)
         gather_experts(model)
-        out = Path(out_dir)
-        if info.rank == 0:
-            out = write_model_dir(out_dir, model.cpu(), model_dir / TOKENIZER_FILE, public_row, method,
-                                  read_json(model_dir / EXPERTS_FILE), overwrite=overwrite, inputs=(model_dir,))
-        dist.barrier()
-        return out, losses
-    finally:
-        fdist.teardown(info)
+        model.cpu()
+        return write(out, model, *args, **kw) if dist.get_rank() == 0 else Path(out)
+
+    def save_on_rank0(out, settings):
+        return save(out, settings) if dist.get_rank() == 0 else Path(out)
+
+    with _patched((commands, "write_model_dir", write_gathered), (eval_suite, "save_settings", save_on_rank0)):
+        (out, losses), _ = _run(expert_parallel_size, device, commands.tune_router_dir, model_dir, out_dir, **kwargs)
+    return out, losses
 
 
 def _check_same_router(model: nn.Module, group=None) -> None:
@@ -183,17 +181,3 @@ def _check_same_router(model: nn.Module, group=None) -> None:
             raise RuntimeError(f"MoE layer {i}: the ranks' routers differ after tuning")
 
 
-def print_table(res: dict) -> None:
-    """The evaluate command's table, from rank 0 only."""
-    if res.get("rank", 0) != 0:
-        return
-    from ..flexolmo.evaluate import average_loss
-
-    rows, domains = res["rows"], res["domains"]
-    print(f"held-out loss (nats/token), experts {res['names']}, expert-parallel over {res['world_size']} ranks")
-    width = max(len(r) for r in rows) + 2
-    print(f"{'':{width}s}" + "".join(f"{d[:12]:>13s}" for d in domains) + f"{'avg':>9s}")
-    for label, losses in rows.items():
-        print(f"{label:{width}s}" + "".join(f"{losses[d]:13.3f}" for d in domains)
-              + f"{average_loss(losses, domains):9.3f}")
-    print("perplexity: " + ", ".join(f"{d} {math.exp(v):.1f}" for d, v in rows["model"].items()))
