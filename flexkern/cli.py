@@ -169,6 +169,16 @@ def _names(a_model) -> list[str]:
     return expert_names(a_model)
 
 
+def _model_names(a) -> list[str]:
+    """Check that --model is a model directory and that every --opt-out NAME (where the command
+    has one) is one of its experts; returns the expert names (read from JSON, no weights)."""
+    _model_dir("--model", a.model)
+    names = _names(a.model)
+    for name in getattr(a, "opt_out", ()):
+        _check_expert_name("--opt-out", name, names, a.model)
+    return names
+
+
 def _check_expert_name(flag: str, name: str, names: list[str], model) -> None:
     if len(names) == 1:
         raise ValueError(f"{model} is a dense model; it has no experts to opt out")
@@ -257,10 +267,7 @@ def _merge_run(a) -> int:
 
 
 def _evaluate_check(a) -> None:
-    _model_dir("--model", a.model)
-    names = _names(a.model)
-    for name in a.opt_out:
-        _check_expert_name("--opt-out", name, names, a.model)
+    names = _model_names(a)
     if a.top_k is not None and a.top_k > len(names):
         raise ValueError(f"--top-k {a.top_k}: {a.model} has only {len(names)} experts")
     for s in a.data or ():
@@ -304,12 +311,9 @@ def _evaluate_run(a) -> int:
 
 
 def _attribute_check(a) -> None:
-    _model_dir("--model", a.model)
-    names = _names(a.model)
+    names = _model_names(a)
     if len(names) == 1:
         raise ValueError(f"--model {a.model} is a dense model: every token comes from the public FFN")
-    for name in a.opt_out:
-        _check_expert_name("--opt-out", name, names, a.model)
     if a.file is not None and not Path(a.file).is_file():
         raise FileNotFoundError(f"--file {a.file}: no such file")
     for suffix in (".html", ".png"):
@@ -331,10 +335,7 @@ def _attribute_run(a) -> int:
 
 
 def _generate_check(a) -> None:
-    _model_dir("--model", a.model)
-    names = _names(a.model)
-    for name in a.opt_out:
-        _check_expert_name("--opt-out", name, names, a.model)
+    names = _model_names(a)
     if a.top_p > 1:
         raise ValueError(f"--top-p {a.top_p}: must be at most 1")
     _check_device(a.device)
@@ -350,8 +351,7 @@ def _generate_run(a) -> int:
 
 
 def _opt_out_check(a) -> None:
-    _model_dir("--model", a.model)
-    names = _names(a.model)
+    names = _model_names(a)
     _check_expert_name("--name", a.name, names, a.model)
     if a.name == names[0]:
         raise ValueError(f"--name {a.name}: the public expert cannot be opted out")
@@ -387,8 +387,7 @@ def _owners(specs: list[str]) -> dict[str, str]:
 
 
 def _tune_router_check(a) -> None:
-    _model_dir("--model", a.model)
-    names = _names(a.model)
+    names = _model_names(a)
     if len(names) == 1:
         raise ValueError(f"--model {a.model} is a dense model; router tuning needs a merged model")
     owners = _owners(a.owner)
@@ -433,10 +432,8 @@ def _has_transformers() -> bool:
 
 
 def _export_hf_check(a) -> None:
-    _model_dir("--model", a.model)
-    names = _names(a.model)
+    names = _model_names(a)
     for name in a.opt_out:
-        _check_expert_name("--opt-out", name, names, a.model)
         if name == names[0]:
             raise ValueError(f"--opt-out {name}: the public expert cannot be opted out")
     for s in a.bias_cost or ():
