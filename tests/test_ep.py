@@ -32,10 +32,15 @@ def _worker(rank, world, port, module, scenario, errors):
                             timeout=datetime.timedelta(seconds=60))
     try:
         getattr(importlib.import_module(module), scenario)(rank, world)
+        errors.put((rank, None))  # finished
     except BaseException:  # reported to the parent with the rank
         errors.put((rank, traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            try:  # no rank tears its connections down while a peer still finishes the last collective
+                dist.barrier()
+            except RuntimeError:
+                pass
             dist.destroy_process_group()
 
 
@@ -50,11 +55,14 @@ def spawn(scenario: str, world: int, module: str = __name__) -> None:
                            start_method="spawn")
     except mp.ProcessExitedException as exc:  # a rank died (e.g. a peer left mid-collective)
         crash = exc
-    failures = []
+    reports = []
     while not errors.empty():
-        failures.append(errors.get())
+        reports.append(errors.get())
+    failures = sorted((r, tb) for r, tb in reports if tb is not None)
+    finished = sorted(r for r, tb in reports if tb is None)
     if failures or crash:
-        pytest.fail("\n".join(f"rank {r}:\n{tb}" for r, tb in sorted(failures)) + f"\n{crash or ''}")
+        pytest.fail("\n".join(f"rank {r}:\n{tb}" for r, tb in failures)
+                    + f"\nranks that finished their scenario: {finished}\n{crash or ''}")
 
 
 # ---- scenarios (run on every rank) ------------------------------------------------------------------
