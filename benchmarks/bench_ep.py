@@ -169,6 +169,7 @@ def run(args) -> dict:
         print(report(out))
         if args.json:
             _FsPath(args.json).write_text(json.dumps(out, indent=2))
+    dist.barrier()  # no rank closes its connections while a peer still finishes the last collective
     dist.destroy_process_group()
     return out
 
