@@ -186,3 +186,44 @@ def variant_stage(variant: str, st: dict):
         tuned, _ = load_model(rt, cfg.device)
         ev.add(f"{label}: top-{h} + RT", tuned)
     return evaluate_variant, rows
+
+
+def routing_ablations(run_dir, device: str = "cpu") -> dict:
+    """Evaluation-only ablations of a finished demo run's merged models (no training): every expert
+    active (top-n) and top-k with the kept weights renormalised to sum to one (owners trained with
+    top-2 of 2, whose weights always sum to one; top-2 of n without renormalising scales their FFN
+    output down). Same sets and bootstrap replicates as the run's report; differences are paired
+    against the report's headline model. Returns {"rows": {label: summary}, "paired": {label: {set: diff}}}.
+    """
+    import json
+    from pathlib import Path
+
+    from .data import DOMAINS, build_corpora
+    from .eval_suite import Bootstrap, EvalSettings, build_eval_sets, load_settings, score_model
+    from .merge import load_model
+    from .tokenizer import load_tokenizer
+
+    run = Path(run_dir)
+    cfg = json.loads((run / "demo_config.json").read_text())
+    settings = load_settings(run / "merged_rt") or EvalSettings()
+    corpora = build_corpora(cfg["max_bytes"], cfg["public_share"], seed=0)
+    tok = load_tokenizer(run / "anchor" / "tokenizer.json")
+    sets = build_eval_sets(tok, {d: corpora.heldout[d] for d in DOMAINS}, settings)
+    h = cfg["headline_top_k"]
+    scores = {}
+    for name, label in (("merged_rt", "+ RT"), ("merged", "(no RT)")):
+        model, names = load_model(run / name, device)
+        E = len(names)
+        model.set_top_k(h)
+        scores[f"FlexOlmo top-{h} {label}"] = score_model(model, sets, settings.batch_size)
+        for m in model.moe_layers():
+            m.renormalize = True
+        scores[f"FlexOlmo top-{h} renormalised {label}"] = score_model(model, sets, settings.batch_size)
+        for m in model.moe_layers():
+            m.renormalize = False
+        model.set_top_k(E)
+        scores[f"FlexOlmo top-{E} (all experts) {label}"] = score_model(model, sets, settings.batch_size)
+    head = f"FlexOlmo top-{h} + RT"
+    boot = Bootstrap(scores[head], settings.bootstrap, settings.bootstrap_seed)
+    return {"rows": {k: boot.summarize(v) for k, v in scores.items()},
+            "paired": {k: {s: boot.paired(v, scores[head], s) for s in sets} for k, v in scores.items() if k != head}}
