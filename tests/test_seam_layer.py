@@ -187,3 +187,17 @@ def test_fewer_active_experts_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, moe(x))
+
+
+def test_layer_copies_after_a_training_forward():
+    import copy
+    import pickle
+
+    moe = flexkern.FlexMoE(16, 32, 4, 2)
+    moe(torch.randn(5, 16)).sum().backward()
+    assert moe.z_loss is not None and moe.z_loss.grad_fn is not None
+    for clone in (copy.deepcopy(moe), pickle.loads(pickle.dumps(moe))):
+        assert clone.z_loss is None
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(clone(x), moe(x), rtol=0, atol=0)
+    assert moe.z_loss is not None  # the original keeps its own

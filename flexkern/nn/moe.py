@@ -97,6 +97,12 @@ class FlexMoE(nn.Module):
     def num_experts(self) -> int:
         return self.router.weight.shape[0]
 
+    def __getstate__(self):
+        # The last forward's z-loss is a graph node, which copy.deepcopy and pickle refuse; a copy
+        # of the layer (an EMA model, a checkpoint by pickle) starts without it.
+        state = super().__getstate__()
+        return {**state, "z_loss": None}
+
     def __setattr__(self, name, value):
         if name in _STATE_BUFFERS and name in self.__dict__.get("_buffers", {}):
             value = self._checked_state(name, value)
