@@ -187,15 +187,8 @@ class ExpertParallelMoE(FlexMoE):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"ExpertParallelMoE expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"ExpertParallelMoE expects input (..., {self.d_model}), got shape {tuple(x.shape)}")
+        self._check_input(x)
         w = self.router.weight
-        if x.dtype != w.dtype:
-            raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {w.dtype}")
-        if x.device != w.device:
-            raise ValueError(f"input is on {x.device} but the layer is on {w.device}")
         if not self._verified:
             self.verify()
         self._check_mask()

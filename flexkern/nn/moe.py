@@ -164,16 +164,21 @@ class FlexMoE(nn.Module):
             warnings.warn(f"expert_mask leaves {active} active experts, fewer than "
                           f"top_k={self.top_k}; {what}", stacklevel=3)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x) -> None:
+        layer = type(self).__name__
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"FlexMoE expects a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{layer} expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.d_model:
-            raise ValueError(f"FlexMoE expects input (..., {self.d_model}), got shape {tuple(x.shape)}")
+            raise ValueError(f"{layer} expects input (..., {self.d_model}), got shape {tuple(x.shape)}")
         w = self.router.weight
         if x.dtype != w.dtype:
             raise TypeError(f"input dtype {x.dtype} does not match the layer's dtype {w.dtype}")
         if x.device != w.device:
             raise ValueError(f"input is on {x.device} but the layer is on {w.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        w = self.router.weight
         self._check_mask()
         x_TD = x.reshape(-1, self.d_model)
         frozen_E, mask_E = self.expert_frozen, self.expert_mask
