@@ -328,15 +328,21 @@ def split_documents(docs: list[str], heldout_fraction: float = 0.1, seed: int = 
     At least one document is held out (and one kept) when there are two or more.
     Returns (train_docs, heldout_docs), each in the input order.
     """
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}")
+    return _hash_ranked_split(docs, heldout_fraction, "heldout_fraction", (seed,))
+
+
+def _hash_ranked_split(docs: list[str], fraction: float, what: str, salt: tuple) -> tuple[list[str], list[str]]:
+    """(rest, taken): the ``fraction`` of ``docs`` whose seeded content hash ranks lowest, at least
+    one taken (and one kept) when fraction > 0 and there are two or more; both in input order."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {fraction!r}")
     n = len(docs)
-    n_held = int(round(heldout_fraction * n))
-    if heldout_fraction > 0 and n >= 2:
-        n_held = min(max(n_held, 1), n - 1)
-    ranked = sorted(range(n), key=lambda i: (_hash_key(seed, docs[i]), i))
-    held = set(ranked[:n_held])
-    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+    k = int(round(fraction * n))
+    if fraction > 0 and n >= 2:
+        k = min(max(k, 1), n - 1)
+    ranked = sorted(range(n), key=lambda i: (_hash_key(*salt, docs[i]), i))
+    taken = set(ranked[:k])
+    return [d for i, d in enumerate(docs) if i not in taken], [d for i, d in enumerate(docs) if i in taken]
 
 
 # ---- the demo's data layout: public mix, owners' closed sets, held-out sets ----------------------
@@ -369,16 +375,7 @@ def public_share_split(train_docs: list[str], share: float, seed: int = 0) -> tu
 
     At least one document is shared when share > 0 and there are two or more documents.
     """
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"public share must be in [0, 1), got {share!r}")
-    n = len(train_docs)
-    k = int(round(share * n))
-    if share > 0 and n >= 2:
-        k = min(max(k, 1), n - 1)
-    ranked = sorted(range(n), key=lambda i: (_hash_key(_SHARE_SALT, seed, train_docs[i]), i))
-    shared = set(ranked[:k])
-    return ([d for i, d in enumerate(train_docs) if i not in shared],
-            [d for i, d in enumerate(train_docs) if i in shared])
+    return _hash_ranked_split(train_docs, share, "public share", (_SHARE_SALT, seed))
 
 
 def domain_split(source: str, max_bytes: int | None = None, heldout_fraction: float = 0.1,
