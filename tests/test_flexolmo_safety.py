@@ -4,7 +4,6 @@ non-finite packages and model directories are refused with PackageError / Checkp
 the file and field."""
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -26,14 +25,10 @@ from flexkern.flexolmo.merge import MergeError, load_model, mask_experts, merge,
 from flexkern.flexolmo.model import tensor_sha256
 from flexkern.flexolmo.package import PackageError, load_package, save_package
 from flexkern.flexolmo.train import TrainingInterrupted, train_anchor, train_expert
+from synthetic import synthetic_docs as _docs
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _docs(words: str, n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    vocab = words.split()
-    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(30, 60))) + "." for _ in range(n)]
 
 
 PUBLIC = _docs("the a of and to in is was he she it they river city king war year people north", 80, 0)

@@ -2,7 +2,6 @@
 merge, opt-out / opt-in, resume after an interruption, and torchrun with 2 processes on gloo."""
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,10 @@ from flexkern.flexolmo.merge import (MergeError, load_model, mask_experts, merge
 from flexkern.flexolmo.model import FlexOlmoLM, anchor_fingerprint, shared_state_dict
 from flexkern.flexolmo.package import PackageError, load_package, save_package
 from flexkern.flexolmo.train import train_anchor, train_expert
+from synthetic import synthetic_docs as _docs
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _docs(words: str, n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    vocab = words.split()
-    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(30, 60))) + "." for _ in range(n)]
 
 
 PUBLIC = _docs("the a of and to in is was he she it they river city king war year people north", 120, 0)
