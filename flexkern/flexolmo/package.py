@@ -38,7 +38,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 # optional manifest fields and their JSON types (bool is not an int here)
 _OPTIONAL = {"source": str, "tokens_seen": int, "steps": int, "public_row_sha256": str, "embed_method": str,
-             "tokenizer_sha256": str}
+             "tokenizer_sha256": str, "training": str}
 
 
 class PackageError(ValueError):

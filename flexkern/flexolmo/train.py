@@ -132,15 +132,24 @@ def _trainable(model: FlexOlmoLM) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path: Path, step: int, model, opt, meta: dict) -> None:
+def _callback_state(callback) -> dict | None:
+    """A stateful callback (one with state_dict/load_state_dict, like the extension's optimizer) is
+    checkpointed with the run, so a resumed run continues it exactly."""
+    return callback.state_dict() if hasattr(callback, "state_dict") else None
+
+
+def _save_checkpoint(path: Path, step: int, model, opt, meta: dict, callback=None) -> None:
     state = {"meta": meta, "step": step, "rng": torch.get_rng_state(),
              "trainable": {n: p.detach().cpu() for n, p in _trainable(model).items()},
              "optimizer": opt.state_dict()}
+    cb = _callback_state(callback)
+    if cb is not None:
+        state["callback"] = cb
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, model, opt, meta: dict) -> int:
+def _load_checkpoint(path: Path, model, opt, meta: dict, callback=None) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -160,6 +169,10 @@ def _load_checkpoint(path: Path, model, opt, meta: dict) -> int:
         for n, p in params.items():
             p.copy_(state["trainable"][n])
     opt.load_state_dict(state["optimizer"])
+    if _callback_state(callback) is not None:
+        if "callback" not in state:
+            raise CheckpointError(f"checkpoint {path} holds no state for this run's callback")
+        callback.load_state_dict(state["callback"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -212,7 +225,7 @@ def train_loop(model: FlexOlmoLM, opt: torch.optim.Optimizer, sampler: WindowSam
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     start = 0
     if resume and ckpt_path is not None and ckpt_path.exists():
-        start = _load_checkpoint(ckpt_path, model, opt, meta)
+        start = _load_checkpoint(ckpt_path, model, opt, meta, callback)
         if info.is_main:
             print(f"{desc}: resuming from step {start} of {sched.steps} ({ckpt_path})", file=sys.stderr, flush=True)
     params = list(_trainable(model).values())
@@ -250,13 +263,13 @@ def train_loop(model: FlexOlmoLM, opt: torch.optim.Optimizer, sampler: WindowSam
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
+                if callback is not None:  # part of the step: what it changes is in this step's checkpoint
+                    callback(step + 1, loss_val, model)
                 if can_save and ((step + 1) % checkpoint_every == 0 or step + 1 == sched.steps or sigint["stop"]):
-                    _save_checkpoint(ckpt_path, step + 1, model, opt, meta)
+                    _save_checkpoint(ckpt_path, step + 1, model, opt, meta, callback)
                     saved = step + 1
                 if sigint["stop"]:
                     raise TrainingInterrupted(ckpt_path, saved, sched.steps)
-                if callback is not None:
-                    callback(step + 1, loss_val, model)
     except TrainingInterrupted:
         raise
     except KeyboardInterrupt:
@@ -426,16 +439,25 @@ def train_anchor(out_dir, preset="tiny", data: Sequence = PUBLIC_DOMAINS, steps:
 
 
 # ---- one owner's expert -----------------------------------------------------------------------------------
-def owner_model(anchor: FlexOlmoLM, public_row_D: torch.Tensor, own_row_D: torch.Tensor) -> FlexOlmoLM:
-    """The 2-expert owner model with everything but expert 1, r_own and b_own frozen."""
+def owner_model(anchor: FlexOlmoLM, public_row_D: torch.Tensor, own_row_D: torch.Tensor,
+                dense_ffn: bool = False) -> FlexOlmoLM:
+    """The 2-expert owner model with everything but expert 1, r_own and b_own frozen.
+
+    ``dense_ffn`` (the "no coordinated training" ablation): the public expert is masked and top_k is 1,
+    so the owner's FFN alone replaces the dense FFN (its weight is exactly 1) and trains as a dense
+    model; r_own and b_own are frozen at their initial values (the router plays no part)."""
     model = assemble(anchor, [dense_expert_tensors(anchor, public_row_D),
                               dense_expert_tensors(anchor, own_row_D)], top_k=2)
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.moe_layers():
-        for p in (m.router.weight, m.router.bias, m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj):
+        router = () if dense_ffn else (m.router.weight, m.router.bias)
+        for p in (*router, m.experts.gate_proj, m.experts.up_proj, m.experts.down_proj):
             p.requires_grad_(True)  # expert 0 / r_pub inside them get zero gradient (expert_frozen)
         m.expert_frozen[0] = True
+    if dense_ffn:
+        model.set_top_k(1)
+        model.set_expert_mask(torch.tensor([False, True]))
     return model
 
 
@@ -463,10 +485,12 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
                  max_bytes: int | None = None, heldout_fraction: float = 0.1,
                  warmup_steps: int | None = None, checkpoint_every: int = 25, ckpt_dir=None,
                  log: bool = True, embed_docs: int = 256, callback: Callback | None = None,
-                 overwrite: bool = False, own_row: torch.Tensor | None = None) -> Path:
+                 overwrite: bool = False, own_row: torch.Tensor | None = None, dense_ffn: bool = False) -> Path:
     """Train one owner's expert on ``source`` and write ``NAME.flexpert``; returns the package path.
 
     ``own_row``: the owner's initial router row (d_model,) instead of its domain embedding (ablations).
+    ``dense_ffn``: no coordinated training (ablation): the owner's FFN trains alone as a dense model,
+    without the frozen public expert beside it; its router row stays the domain embedding (owner_model).
 
     ``source``: a domain name, a folder of text files, or a list of documents (then give ``name``).
     ``out_path``: the package folder (``*.flexpert``) or a folder to put ``NAME.flexpert`` in.
@@ -511,14 +535,14 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
         elif tuple(own_row.shape) != (cfg.d_model,):
             raise ValueError(f"own_row must have shape ({cfg.d_model},), got {tuple(own_row.shape)}")
         own_row = own_row.detach().float().cpu()
-        model = owner_model(anchor, public_row, own_row)
+        model = owner_model(anchor, public_row, own_row, dense_ffn)
         sched = _schedule(steps, batch_size, lr, seq_len, warmup_steps, seed)
         sampler = WindowSampler(encode_documents(tok, docs), seq_len, seed)
         # weight_decay=0: the frozen slices (zero gradient) then get exactly zero updates
         opt = torch.optim.AdamW(list(_trainable(model).values()), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
         fp = anchor_fingerprint(anchor)
         meta = {"kind": "expert", "name": name, "anchor_fingerprint": fp, "schedule": asdict(sched),
-                "own_row_sha256": tensor_sha256(own_row)}
+                "own_row_sha256": tensor_sha256(own_row), **({"dense_ffn": True} if dense_ffn else {})}
         stats = train_loop(model, opt, sampler, sched, info, ckpt / CHECKPOINT_FILE, meta, checkpoint_every,
                            resume, log, f"expert {name}", callback, _clamp_bias(model))
         if info.is_main:
@@ -526,6 +550,8 @@ def train_expert(anchor_dir, source, out_path, name: str | None = None, steps: i
             manifest = {"name": name, "source": source if isinstance(source, str) else
                         ("documents" if isinstance(source, (list, tuple)) else str(source)),
                         "tokens_seen": steps * batch_size * seq_len, "steps": steps,
+                        "training": "dense FFN alone (no coordinated training)" if dense_ffn else
+                                    "coordinated (frozen public expert and r_pub beside it)",
                         "config": cfg.to_dict(), "anchor_fingerprint": fp,
                         "public_row_sha256": tensor_sha256(public_row.float()), "embed_method": method,
                         "tokenizer_sha256": file_sha256(Path(anchor_dir) / TOKENIZER_FILE)}
