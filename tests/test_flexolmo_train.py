@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flexkern.flexolmo.checkpoint import read_public_embedding, write_model_dir
+from flexkern.flexolmo.checkpoint import CheckpointError, read_public_embedding, write_model_dir
 from flexkern.flexolmo.merge import (MergeError, load_model, mask_experts, merge, opt_in, opt_out)
 from flexkern.flexolmo.model import FlexOlmoLM, anchor_fingerprint, shared_state_dict
 from flexkern.flexolmo.package import PackageError, load_package, save_package
@@ -227,3 +227,79 @@ def test_owner_training_and_merged_model_on_gpu(world, tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (3, model.config.seq_len))
     with torch.no_grad():
         torch.testing.assert_close(model_gpu(ids.cuda()).cpu(), model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_no_coordinated_training_trains_the_ffn_alone(world, tmp_path):
+    """dense_ffn: the owner's FFN replaces the dense FFN (weight exactly 1, public expert masked) and
+    its router row and bias stay the initial ones; merged, it is an ordinary expert."""
+    from flexkern.flexolmo.merge import dense_expert_tensors
+    from flexkern.flexolmo.tokenizer import load_tokenizer
+    from flexkern.flexolmo.train import _embedding, _train_docs, owner_model
+
+    anchor, _ = load_model(world.anchor)
+    public_row, _ = read_public_embedding(world.anchor)
+    own = torch.randn(anchor.config.d_model)
+    m = owner_model(anchor, public_row, own, dense_ffn=True)
+    dense = FlexOlmoLM(anchor.config)
+    dense.load_state_dict(anchor.state_dict())
+    with torch.no_grad():
+        for moe, block in zip(m.moe_layers(), dense.blocks):
+            moe.experts.gate_proj[1].mul_(1.5)  # a different own FFN ...
+            block.ffn.gate_proj.weight.mul_(1.5)  # ... equals the dense model with that FFN
+    assert torch.equal(_logits(m), _logits(dense))
+    seen = {}
+    pkg = train_expert(world.anchor, CODE, tmp_path, name="code", dense_ffn=True,
+                       callback=lambda s, l, mod: seen.update(model=mod), **EXPERT)
+    tensors, manifest = load_package(pkg)
+    assert manifest["training"].startswith("dense FFN alone")
+    tok = load_tokenizer(world.anchor / "tokenizer.json")
+    init = _embedding(_train_docs(CODE, None, 0.1), "anchor", anchor, tok, anchor.config.d_model, 256)
+    ref = dense_expert_tensors(anchor, init)
+    for i in range(anchor.config.n_layers):
+        assert torch.equal(tensors[f"layers.{i}.router_row"], seen["model"].moe_layers()[i].router.weight[1].cpu())
+        assert torch.allclose(tensors[f"layers.{i}.router_row"], ref[f"layers.{i}.router_row"], atol=1e-6)
+        assert float(tensors[f"layers.{i}.router_bias"]) == 0.0
+        assert not torch.equal(tensors[f"layers.{i}.gate_proj"], ref[f"layers.{i}.gate_proj"])
+    merged = merge(world.anchor, [world.law, pkg], tmp_path / "m", top_k=2)
+    model, names = load_model(merged)
+    assert names == ["public", "law", "code"] and torch.isfinite(_logits(model)).all()
+
+
+def test_extension_resume_matches_uninterrupted_run(world, tmp_path):
+    """The extension's own optimizer state travels with the checkpoint: killed and resumed, the
+    package is bit-identical to an uninterrupted run's."""
+    from flexkern.flexolmo.tokenizer import encode_documents, load_tokenizer
+    from flexkern.flexolmo.variants import PublicRouterLoss
+
+    stream = encode_documents(load_tokenizer(world.anchor / "tokenizer.json"), PUBLIC)
+    seq = load_model(world.anchor)[0].config.seq_len
+
+    def ext():
+        return PublicRouterLoss(stream, 1.0, 1e-3, 2, seq, 0)
+    args = dict(name="law", checkpoint_every=2, **EXPERT)
+    ref = train_expert(world.anchor, LAW, tmp_path / "ref", callback=ext(), **args)
+
+    class KilledAt5(PublicRouterLoss):
+        def __call__(self, step, loss, model):
+            super().__call__(step, loss, model)
+            if step == 5:
+                raise _Killed
+    with pytest.raises(_Killed):
+        train_expert(world.anchor, LAW, tmp_path / "run", callback=KilledAt5(stream, 1.0, 1e-3, 2, seq, 0), **args)
+    out = train_expert(world.anchor, LAW, tmp_path / "run", callback=ext(), **args)
+    a, b = load_package(ref)[0], load_package(out)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = load_package(train_expert(world.anchor, LAW, tmp_path / "plain", **args))[0]
+    assert not torch.equal(plain["layers.0.router_row"], a["layers.0.router_row"])  # the extension did act
+    # a checkpoint of a plain run cannot resume an extension run (its state would be missing)
+    with pytest.raises(_Killed):
+        train_expert(world.anchor, LAW, tmp_path / "mixed", callback=_raise_after(5), **args)
+    with pytest.raises(CheckpointError, match="no state for this run's callback"):
+        train_expert(world.anchor, LAW, tmp_path / "mixed", callback=ext(), **args)
+
+
+def _raise_after(n):
+    def cb(step, loss, model):
+        if step == n:
+            raise _Killed
+    return cb

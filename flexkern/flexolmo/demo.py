@@ -28,7 +28,8 @@ from .data import DOMAINS, OWNER_DOMAINS, PUBLIC_DOMAINS, PUBLIC_SHARE, Corpora,
 _BASE_FIELDS = ("preset", "max_bytes", "anchor_steps", "expert_steps", "batch_size", "seq_len", "anchor_lr",
                 "expert_lr", "embed_docs", "rt_steps", "rt_proxy_fraction", "rt_public_docs", "rt_lr",
                 "headline_top_k", "embed_method", "seed", "public_share")
-VARIANTS = ("extension", "no-bias", "random-init", "bias-dropped")
+VARIANTS = ("extension", "no-bias", "random-init", "bias-dropped", "no-coordination", "anchor-init",
+            "rt-ceiling", "routing")
 DEMO_KIND = "demo-run"
 _DEMO_FILES = ("demo_config.json", "timings.json", "results.json", "report.md", "losses.png", "opt_out.png",
                "rt_streams.pt", "rt_info.json", "suite.png")
@@ -403,13 +404,29 @@ def _comparisons(ev: _Evaluator, headline: str, names: list[str], variant_rows: 
     out = []
     others = ["BTM top-2", "BTM (all %d owners)" % (len(names) - 1), "public model",
               *[f"{n} owner alone" for n in names[1:]], "model soup", "model soup (dense FFN avg)",
-              f"FlexOlmo top-{headline.split('top-')[1].split()[0]} (no RT)", *variant_rows]
+              f"FlexOlmo top-{headline.split('top-')[1].split()[0]} (no RT)",
+              *[label for rows in variant_rows.values() for label in rows]]
     for other in others:
         if other not in ev.scores:
             continue
         for s in ev.sets:
             r = ev.boot.paired(ev.scores[headline], ev.scores[other], s)
             out.append({"a": headline, "b": other, "set": s, **r})
+    return out
+
+
+def _ablations(ev: _Evaluator, headline: str, variant_rows: dict) -> list[dict]:
+    """Each variant's or diagnostic's row minus its reference, per set (paired): a "(no RT)" row
+    against the method without RT, every other row against the headline (the method with RT)."""
+    base = headline.replace("+ RT", "(no RT)")
+    out = []
+    for variant, rows in variant_rows.items():
+        for label in rows:
+            if label not in ev.scores:
+                continue
+            ref = base if label.endswith("(no RT)") and base in ev.scores else headline
+            out.append({"row": label, "variant": variant, "reference": ref,
+                        "sets": {s: ev.boot.paired(ev.scores[label], ev.scores[ref], s) for s in ev.sets}})
     return out
 
 
@@ -478,8 +495,7 @@ def _goals(res: dict) -> list[dict]:
                                 f"({r['own']['loss'] / r['own']['public'] - 1:+.1%}); largest move {worst[0]} "
                                 f"{worst[1]['delta']:+.3f} (half-width {worst[1]['base_half_width']:.3f})"})
     t = res.get("timings", {})
-    base_stages = [k for k in t if not any(v in k for v in ("seed", "extension", "no-bias", "random-init",
-                                                            "bias-dropped"))]
+    base_stages = [k for k in t if not any(v in k for v in ("seed", "diag_", "anchor_hidden", *VARIANTS))]
     total = sum(t[k] for k in base_stages)
     out.append({"goal": "the demo finishes within 15 minutes on 2 cores", "met": total <= 900,
                 "evidence": f"{total / 60:.1f} min summed over the base run's stages (the run that "
@@ -564,6 +580,7 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
     results["comparisons"] = _comparisons(ev, res["headline"], res["names"], variant_rows)
     results["timings"] = dict(timer.timings)
     results["variant_rows"] = variant_rows
+    results["ablations"] = _ablations(ev, res["headline"], variant_rows)
     results["goals"] = _goals(results)
     seeds_info = getattr(ev, "seed_comparisons", None)
     if seeds_info:

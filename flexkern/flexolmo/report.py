@@ -219,6 +219,7 @@ def suite_sections(results: dict) -> list[str]:
             out.append(f"| {c['a']} − {c['b']} | {c['set']} | {_diff(c)} | "
                        + ", ".join(f"{x:+.3f}" for x in c["per_seed"]) + " |")
         out.append("")
+    out += ablation_section(results.get("ablations") or [], sets)
     domains = results["domains"]
     if "short" in sets:
         out += ["## Short-context loss per domain", "",
@@ -253,6 +254,22 @@ def suite_sections(results: dict) -> list[str]:
                        f"{p['classifier_train_accuracy']:.2f} |")
         out.append("")
     return out
+
+
+def ablation_section(ablations: list[dict], sets: list[str]) -> list[str]:
+    """Markdown: each ablation's / diagnostic's row minus its reference (the paper's Table 1 as differences)."""
+    if not ablations:
+        return []
+    out = ["## Ablations and diagnostics", "",
+           "Each row minus its reference, paired over the same documents (positive: the row is worse); "
+           "`*` = the 95% interval excludes 0. '(no RT)' rows are compared with the method without router "
+           "tuning, the others with the method with it. Diagnostics are not the method: they use what "
+           "it may not (the owners' closed data, hindsight) to locate the gap.", "",
+           "| row | reference | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+    for a in ablations:
+        out.append(f"| {a['row']} | {a['reference']} | "
+                   + " | ".join(_diff(a["sets"][s]) if s in a["sets"] else "" for s in sets) + " |")
+    return out + [""]
 
 
 def attribution_section(att: dict) -> list[str]:

@@ -5,13 +5,22 @@
                   owner has), a logistic loss softplus(r_own.h + min(b_own, 0) - r_pub.h) pushes the
                   owner's logit below the frozen public row's, so the row learns to lose off-domain.
                   The public expert and r_pub stay frozen (checked bit-identical before the package
-                  is written) and the owner's private data stays private. Its own Adam state is not
-                  checkpointed: a resumed extension run is not bit-identical to an uninterrupted one.
+                  is written) and the owner's private data stays private. Its own Adam state is
+                  checkpointed with the run, so a resumed extension run equals an uninterrupted one.
     no-bias       the owner's bias is held at 0 during training (reset after every step).
     random-init   the owner's router row starts random (same norm as the domain embedding) instead
                   of the mean domain embedding (needs train_expert's own_row= keyword).
     bias-dropped  the base owners, merged with their biases set to 0 (what the released FlexOlmo
                   merge script does).
+    no-coordination  each owner trains its FFN alone as a dense model (no frozen public expert beside
+                  it, router not trained); the FFNs are merged afterwards with the domain-embedding rows.
+    anchor-init   every router row (r_pub included) from the anchor's own mean hidden states instead
+                  of the sentence embedder (the anchor re-saved with that public row: anchor_hidden/).
+    rt-ceiling    diagnostics, not the method: the base merged model router-tuned on the owners'
+                  *closed* data (which the method never may see; how good can a tuned router get?)
+                  and for 10x the steps, on the proxy sets and on the closed data; plus the best
+                  single model per document chosen in hindsight (how good are the experts?).
+    routing       evaluation only: the base models with renormalised top-k and with every expert.
     seeds         the owners trained again with seeds 1..N-1 (merged and router-tuned each), for the
                   headline comparisons over seeds.
 
@@ -28,23 +37,43 @@ import torch.nn.functional as F
 from .tokenizer import encode_documents
 
 
-def public_router_callback(public_stream: torch.Tensor, weight: float, lr: float, batch_size: int,
-                           seq_len: int, seed: int):
-    """The extension's step, as a ``train_expert`` callback(step, loss, model)."""
-    n_windows = (public_stream.numel() - 1) // seq_len
-    if n_windows < 1:
-        raise ValueError("the public stream is too short for one window")
-    state: dict = {}
+class PublicRouterLoss:
+    """The extension's step, as a ``train_expert`` callback(step, loss, model). Its Adam state is
+    checkpointed with the owner's run (state_dict / load_state_dict), so a resumed run is exact."""
 
-    def callback(step: int, loss: float, model) -> None:
-        layers = model.moe_layers()
-        if "opt" not in state:
+    def __init__(self, public_stream: torch.Tensor, weight: float, lr: float, batch_size: int, seq_len: int,
+                 seed: int):
+        self.n_windows = (public_stream.numel() - 1) // seq_len
+        if self.n_windows < 1:
+            raise ValueError("the public stream is too short for one window")
+        self.stream, self.weight, self.lr, self.batch_size, self.seq_len, self.seed = (
+            public_stream, weight, lr, batch_size, seq_len, seed)
+        self.opt = None
+        self._pending = None
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict() if self.opt is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state.get("opt")
+
+    def _optimizer(self, layers):
+        if self.opt is None:
             params = [p for m in layers for p in (m.router.weight, m.router.bias)]
-            state["opt"] = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95))
+            self.opt = torch.optim.Adam(params, lr=self.lr, betas=(0.9, 0.95))
+            if self._pending is not None:
+                self.opt.load_state_dict(self._pending)
+                self._pending = None
+        return self.opt
+
+    def __call__(self, step: int, loss: float, model) -> None:
+        layers = model.moe_layers()
+        opt = self._optimizer(layers)
         device = layers[0].router.weight.device
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, n_windows, (batch_size,), generator=gen).tolist()
-        ids = torch.stack([public_stream[i * seq_len:(i + 1) * seq_len] for i in idx]).to(device)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(0, self.n_windows, (self.batch_size,), generator=gen).tolist()
+        L = self.seq_len
+        ids = torch.stack([self.stream[i * L:(i + 1) * L] for i in idx]).to(device)
         h = []
         hooks = [m.register_forward_pre_hook(lambda mod, args: h.append(args[0].detach().flatten(0, -2)))
                  for m in layers]
@@ -59,9 +88,8 @@ def public_router_callback(public_stream: torch.Tensor, weight: float, lr: float
             logits_T2 = h_TD @ m.router.weight.T
             margin_T = logits_T2[:, 1] + torch.clamp(m.router.bias[1], max=0) - logits_T2[:, 0]
             total = total + F.softplus(margin_T).mean()
-        opt = state["opt"]
         opt.zero_grad(set_to_none=True)
-        (weight * total / len(layers)).backward()
+        (self.weight * total / len(layers)).backward()
         for m in layers:  # the public expert's row and bias stay exactly as they are
             m.router.weight.grad[0].zero_()
             m.router.bias.grad[0].zero_()
@@ -71,7 +99,6 @@ def public_router_callback(public_stream: torch.Tensor, weight: float, lr: float
             for m in layers:
                 m.router.bias.clamp_(max=0.0)
 
-    return callback
 
 
 def zero_bias_callback(step: int, loss: float, model) -> None:
@@ -91,16 +118,18 @@ def _random_row(anchor_dir, cfg, seed: int) -> torch.Tensor:
 
 def owner_training_options(variant: str | None, corpora, anchor_dir, cfg, seed: int) -> dict:
     """Extra ``train_expert`` keywords for a variant's owners."""
-    if variant in (None, "seeds", "bias-dropped"):
+    if variant in (None, "seeds", "bias-dropped", "anchor-init"):
         return {}
+    if variant == "no-coordination":
+        return {"dense_ffn": True}
     if variant == "no-bias":
         return {"callback": zero_bias_callback}
     if variant == "extension":
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(anchor_dir / "tokenizer.json")
         stream = encode_documents(tok, corpora.public_docs())
-        return {"callback": public_router_callback(stream, cfg.ext_weight, cfg.expert_lr, max(1, cfg.batch_size // 2),
-                                                   cfg.seq_len, seed)}
+        return {"callback": PublicRouterLoss(stream, cfg.ext_weight, cfg.expert_lr, max(1, cfg.batch_size // 2),
+                                             cfg.seq_len, seed)}
     if variant == "random-init":
         from .train import train_expert
         if "own_row" not in inspect.signature(train_expert).parameters:
@@ -129,8 +158,46 @@ def drop_router_bias(model_dir) -> None:
         write_model_dir(model_dir, model, tok, row, method, info, overwrite=True)
 
 
+@torch.no_grad()
+def hidden_state_anchor(anchor_dir, out_dir, docs: list[str], num_docs: int):
+    """The anchor re-saved in ``out_dir`` with its public row from its own mean hidden states (the
+    anchor-init variant); the weights, and so the anchor fingerprint, are unchanged."""
+    from pathlib import Path
+
+    from .checkpoint import TOKENIZER_FILE, write_model_dir
+    from .merge import load_model
+    from .tokenizer import load_tokenizer
+    from .train import _embedding
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    anchor, _ = load_model(anchor_dir)
+    anchor.eval()
+    tok = load_tokenizer(Path(anchor_dir) / TOKENIZER_FILE)
+    row = _embedding(docs, "anchor", anchor, tok, anchor.config.d_model, num_docs)
+    write_model_dir(out_dir, anchor, Path(anchor_dir) / TOKENIZER_FILE, row, "anchor")
+    return out_dir
+
+
+def hindsight_best(members: list[dict]) -> dict:
+    """Scores of the best member per unit (document, or mixed window), chosen in hindsight: an
+    optimistic bound on any method that picks one model per document."""
+    out = {}
+    for s, groups in members[0].items():
+        out[s] = {}
+        for g in groups:
+            sums = torch.stack([m[s][g][0] for m in members])
+            counts = members[0][s][g][1]
+            best = (sums / counts).argmin(0)
+            out[s][g] = (sums.gather(0, best[None]).squeeze(0), counts)
+    return out
+
+
 LABELS = {"extension": "extension (public-router loss)", "no-bias": "no router bias",
-          "random-init": "random router init", "bias-dropped": "bias dropped at merge"}
+          "random-init": "random router init", "bias-dropped": "bias dropped at merge",
+          "no-coordination": "no coordinated training", "anchor-init": "router rows from anchor hidden states"}
+ORACLE = "oracle: best single model per document (hindsight)"
 
 
 def variant_stage(variant: str, st: dict):
@@ -168,13 +235,22 @@ def variant_stage(variant: str, st: dict):
                 for set_name in ev.sets]
         return evaluate_seeds, {}
 
+    if variant == "rt-ceiling":
+        return _rt_ceiling_stage(st)
+    if variant == "routing":
+        return _routing_stage(st)
     label = LABELS[variant]
+    anchor_dir = st["anchor_dir"]
+    if variant == "anchor-init":
+        with timer("anchor_hidden (anchor-init)"):
+            anchor_dir = hidden_state_anchor(anchor_dir, out / "anchor_hidden", st["corpora"].public_docs(),
+                                             cfg.embed_docs)
     if variant == "bias-dropped":
         pk = [out / "experts" / f"{d}.flexpert" for d in st["corpora"].owners]
     else:
-        pk = st["experts"](out, st["anchor_dir"], cfg, st["corpora"], timer, log, folder=f"experts_{variant}",
+        pk = st["experts"](out, anchor_dir, cfg, st["corpora"], timer, log, folder=f"experts_{variant}",
                            variant=variant)
-    md = st["merged"](out, st["anchor_dir"], pk, cfg, timer, log, name=f"merged_{variant}",
+    md = st["merged"](out, anchor_dir, pk, cfg, timer, log, name=f"merged_{variant}",
                       drop_bias=variant == "bias-dropped")
     rt = st["router_tuned"](out, md, st["streams"], cfg, timer, log)
     rows = {f"{label}: top-{h} (no RT)": variant, f"{label}: top-{h} + RT": variant}
@@ -186,6 +262,78 @@ def variant_stage(variant: str, st: dict):
         tuned, _ = load_model(rt, cfg.device)
         ev.add(f"{label}: top-{h} + RT", tuned)
     return evaluate_variant, rows
+
+
+def _rt_ceiling_stage(st: dict):
+    """rt-ceiling (module docstring): three more router tunings of the base merged model."""
+    import dataclasses
+
+    from .tokenizer import encode_documents, load_tokenizer
+
+    out, cfg, log, timer = st["out"], st["cfg"], st["log"], st["timer"]
+    h = cfg.headline_top_k
+    tok = load_tokenizer(st["anchor_dir"] / "tokenizer.json")
+    owners = st["corpora"].owners
+    closed = {d: encode_documents(tok, docs) for d, docs in owners.items()}
+    closed["public"] = st["streams"]["public"]
+    long_cfg = dataclasses.replace(cfg, rt_steps=10 * cfg.rt_steps)
+    base = out / "merged"
+    tuned = {
+        f"diagnostic: RT on the owners' closed data (not private), top-{h}":
+            st["router_tuned"](out, base, closed, cfg, timer, log, name="diag_rt_closed"),
+        f"diagnostic: RT for {long_cfg.rt_steps} steps on the proxy sets, top-{h}":
+            st["router_tuned"](out, base, st["streams"], long_cfg, timer, log, name="diag_rt_long"),
+        f"diagnostic: RT for {long_cfg.rt_steps} steps on the closed data (not private), top-{h}":
+            st["router_tuned"](out, base, closed, long_cfg, timer, log, name="diag_rt_closed_long"),
+    }
+
+    def evaluate(ev):
+        from .merge import load_model
+        members = [ev.scores["public model"]] + [ev.scores[f"{n} owner alone"] for n in owners]
+        ev.add(ORACLE, scores=hindsight_best(members))
+        for label, path in tuned.items():
+            ev.add(label, load_model(path, cfg.device)[0])
+    return evaluate, {ORACLE: "rt-ceiling", **{label: "rt-ceiling" for label in tuned}}
+
+
+def routing_rows(merged, tuned, top_k: int, score) -> dict:
+    """Evaluation-only routing ablations: {label: score(model)} for the merged model without and
+    with RT at renormalised top-k and with every expert active (the models are restored after)."""
+    rows = {}
+    for model, tag in ((merged, "(no RT)"), (tuned, "+ RT")):
+        E = model.moe_layers()[0].num_experts
+        model.set_top_k(top_k)
+        for m in model.moe_layers():
+            m.renormalize = True
+        rows[f"FlexOlmo top-{top_k} renormalised {tag}"] = score(model)
+        for m in model.moe_layers():
+            m.renormalize = False
+        model.set_top_k(E)
+        rows[f"FlexOlmo top-{E} (all experts) {tag}"] = score(model)
+        model.set_top_k(top_k)
+    return rows
+
+
+def _score(ev, model):
+    from .eval_suite import score_model
+    with ev.timer("evaluation"):
+        return score_model(model, ev.sets, ev.cfg.batch_size)
+
+
+def _routing_stage(st: dict):
+    out, cfg = st["out"], st["cfg"]
+    E = len(st["corpora"].owners) + 1
+    h = cfg.headline_top_k
+    labels = [f"FlexOlmo top-{h} renormalised (no RT)", f"FlexOlmo top-{E} (all experts) (no RT)",
+              f"FlexOlmo top-{h} renormalised + RT", f"FlexOlmo top-{E} (all experts) + RT"]
+
+    def evaluate(ev):
+        from .merge import load_model
+        merged, _ = load_model(out / "merged", cfg.device)
+        tuned, _ = load_model(out / "merged_rt", cfg.device)
+        for label, sc in routing_rows(merged, tuned, h, lambda m: _score(ev, m)).items():
+            ev.add(label, scores=sc)
+    return evaluate, {label: "routing" for label in labels}
 
 
 def routing_ablations(run_dir, device: str = "cpu") -> dict:
@@ -210,19 +358,13 @@ def routing_ablations(run_dir, device: str = "cpu") -> dict:
     tok = load_tokenizer(run / "anchor" / "tokenizer.json")
     sets = build_eval_sets(tok, {d: corpora.heldout[d] for d in DOMAINS}, settings)
     h = cfg["headline_top_k"]
-    scores = {}
-    for name, label in (("merged_rt", "+ RT"), ("merged", "(no RT)")):
-        model, names = load_model(run / name, device)
-        E = len(names)
-        model.set_top_k(h)
-        scores[f"FlexOlmo top-{h} {label}"] = score_model(model, sets, settings.batch_size)
-        for m in model.moe_layers():
-            m.renormalize = True
-        scores[f"FlexOlmo top-{h} renormalised {label}"] = score_model(model, sets, settings.batch_size)
-        for m in model.moe_layers():
-            m.renormalize = False
-        model.set_top_k(E)
-        scores[f"FlexOlmo top-{E} (all experts) {label}"] = score_model(model, sets, settings.batch_size)
+    merged, _ = load_model(run / "merged", device)
+    tuned, _ = load_model(run / "merged_rt", device)
+    merged.set_top_k(h)
+    tuned.set_top_k(h)
+    scores = {f"FlexOlmo top-{h} + RT": score_model(tuned, sets, settings.batch_size),
+              f"FlexOlmo top-{h} (no RT)": score_model(merged, sets, settings.batch_size)}
+    scores.update(routing_rows(merged, tuned, h, lambda m: score_model(m, sets, settings.batch_size)))
     head = f"FlexOlmo top-{h} + RT"
     boot = Bootstrap(scores[head], settings.bootstrap, settings.bootstrap_seed)
     return {"rows": {k: boot.summarize(v) for k, v in scores.items()},
