@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="owner-training seeds for the headline comparisons (each extra seed trains 4 more experts)")
     p.add_argument("--variant", action="append", default=[], choices=DEMO_VARIANTS,
                    help="also train and report a variant (repeatable; default: none): extension = public-router "
-                        "loss during owner training; no-bias, random-init, bias-dropped, no-coordination, "
+                        "loss during owner training (extension-balanced: two-sided); no-bias, random-init, bias-dropped, no-coordination, "
                         "anchor-init = ablations; rt-ceiling, routing = diagnostics (see flexkern.flexolmo.variants)")
     p.add_argument("--topk-sweep", action="store_true", help="also evaluate the merged model at every top-k")
     p.add_argument("--no-attribution", action="store_true", help="no per-token provenance figures in the report")

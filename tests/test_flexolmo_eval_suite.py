@@ -168,7 +168,7 @@ def test_micro_demo_every_variant_reports_its_rows(tmp_path):
     r = run_demo(run, "micro", variants=VARIANTS, **kw)
     rows = {label for v in r["variant_rows"].values() for label in v}
     assert set(r["variant_rows"]) == set(VARIANTS)
-    assert rows <= set(r["suite"]) and len(rows) == 2 * 6 + 4 + 4
+    assert rows <= set(r["suite"]) and len(rows) == 2 * 7 + 4 + 4
     table = {a["row"]: a for a in r["ablations"]}
     assert set(table) == rows
     for a in table.values():

@@ -1,6 +1,5 @@
 """FlexOlmo pipeline on the micro preset with tiny synthetic text: owner training, packages,
 merge, opt-out / opt-in, resume after an interruption, and torchrun with 2 processes on gloo."""
-import json
 import os
 import subprocess
 import sys
@@ -303,3 +302,29 @@ def _raise_after(n):
         if step == n:
             raise _Killed
     return cb
+
+
+def test_balanced_extension_pushes_the_row_up_on_own_data(world, tmp_path):
+    """extension-balanced adds the own-data side: on the owner's windows its margin over r_pub ends
+    higher than with the one-sided extension, with the same public term and seed."""
+    from flexkern.flexolmo.tokenizer import encode_documents, load_tokenizer
+    from flexkern.flexolmo.variants import PublicRouterLoss
+
+    tok = load_tokenizer(world.anchor / "tokenizer.json")
+    pub, own = encode_documents(tok, PUBLIC), encode_documents(tok, LAW)
+    seq = load_model(world.anchor)[0].config.seq_len
+    margins = {}
+    for tag, own_stream in (("one-sided", None), ("two-sided", own)):
+        cb = PublicRouterLoss(pub, 5.0, 1e-2, 2, seq, 0, own_stream=own_stream)
+        seen = {}
+
+        def both(step, loss, model, cb=cb, seen=seen):
+            cb(step, loss, model)
+            seen["model"] = model
+        train_expert(world.anchor, LAW, tmp_path / tag, name="law", callback=both, **EXPERT)
+        m = seen["model"]
+        hs = cb._router_inputs(m, m.moe_layers(), own, torch.Generator().manual_seed(123))
+        margins[tag] = float(torch.stack([x.mean() for x in cb._margins(m.moe_layers(), hs)]).mean())
+    assert margins["two-sided"] > margins["one-sided"]
+    with pytest.raises(ValueError, match="own stream is too short"):
+        PublicRouterLoss(pub, 1.0, 1e-3, 2, seq, 0, own_stream=own[:3])

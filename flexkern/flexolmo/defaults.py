@@ -49,5 +49,5 @@ class DemoDefaults:
 
 
 DEMO = DemoDefaults()
-DEMO_VARIANTS = ("extension", "no-bias", "random-init", "bias-dropped", "no-coordination", "anchor-init",
-                 "rt-ceiling", "routing")  # = demo.VARIANTS
+DEMO_VARIANTS = ("extension", "extension-balanced", "no-bias", "random-init", "bias-dropped", "no-coordination",
+                 "anchor-init", "rt-ceiling", "routing")  # = demo.VARIANTS

@@ -28,8 +28,8 @@ from .data import DOMAINS, OWNER_DOMAINS, PUBLIC_DOMAINS, PUBLIC_SHARE, Corpora,
 _BASE_FIELDS = ("preset", "max_bytes", "anchor_steps", "expert_steps", "batch_size", "seq_len", "anchor_lr",
                 "expert_lr", "embed_docs", "rt_steps", "rt_proxy_fraction", "rt_public_docs", "rt_lr",
                 "headline_top_k", "embed_method", "seed", "public_share")
-VARIANTS = ("extension", "no-bias", "random-init", "bias-dropped", "no-coordination", "anchor-init",
-            "rt-ceiling", "routing")
+VARIANTS = ("extension", "extension-balanced", "no-bias", "random-init", "bias-dropped", "no-coordination",
+            "anchor-init", "rt-ceiling", "routing")
 DEMO_KIND = "demo-run"
 _DEMO_FILES = ("demo_config.json", "timings.json", "results.json", "report.md", "losses.png", "opt_out.png",
                "rt_streams.pt", "rt_info.json", "suite.png")
@@ -210,7 +210,7 @@ def _experts(out: Path, anchor_dir: Path, cfg: DemoConfig, corpora: Corpora, tim
             label = f"expert {domain}" + (f" ({folder})" if folder != "experts" else "")
             _say(log, f"== owner {domain}: trains its expert on its {len(corpora.owners[domain])} closed documents "
                       f"only, {cfg.expert_steps} steps" + (f" [{folder}]" if folder != "experts" else ""))
-            extra = owner_training_options(variant, corpora, anchor_dir, cfg, seed)
+            extra = owner_training_options(variant, corpora, anchor_dir, cfg, seed, domain)
             with timer(label):
                 train_expert(anchor_dir, corpora.owners[domain], pkg, name=domain, steps=cfg.expert_steps,
                              lr=cfg.expert_lr, seed=seed, **extra, **_train_common(cfg, log))

@@ -46,7 +46,6 @@ the files directly.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path

@@ -1,5 +1,9 @@
 """Variants of the demo's method: the extension, ablations and extra owner-training seeds.
 
+    extension-balanced  the extension made two-sided: the same public-window term plus
+                  softplus(r_pub.h - r_own.h - min(b_own, 0)) on windows of the owner's own data, so the
+                  row is an explicit logistic classifier own-vs-public (the paper's App. D view of routing)
+                  rather than a one-sided push down; still only public data and the owner's own.
     extension     during owner training, after every optimizer step, one more step on the owner's
                   router row and bias only: on a batch of *public* windows (public data, which every
                   owner has), a logistic loss softplus(r_own.h + min(b_own, 0) - r_pub.h) pushes the
@@ -42,12 +46,13 @@ class PublicRouterLoss:
     checkpointed with the owner's run (state_dict / load_state_dict), so a resumed run is exact."""
 
     def __init__(self, public_stream: torch.Tensor, weight: float, lr: float, batch_size: int, seq_len: int,
-                 seed: int):
-        self.n_windows = (public_stream.numel() - 1) // seq_len
-        if self.n_windows < 1:
-            raise ValueError("the public stream is too short for one window")
-        self.stream, self.weight, self.lr, self.batch_size, self.seq_len, self.seed = (
-            public_stream, weight, lr, batch_size, seq_len, seed)
+                 seed: int, own_stream: torch.Tensor | None = None):
+        """``own_stream``: the owner's own tokens; given, the loss is two-sided (extension-balanced)."""
+        for what, st in (("public", public_stream), ("own", own_stream)):
+            if st is not None and (st.numel() - 1) // seq_len < 1:
+                raise ValueError(f"the {what} stream is too short for one window")
+        self.stream, self.own, self.weight, self.lr, self.batch_size, self.seq_len, self.seed = (
+            public_stream, own_stream, weight, lr, batch_size, seq_len, seed)
         self.opt = None
         self._pending = None
 
@@ -66,14 +71,11 @@ class PublicRouterLoss:
                 self._pending = None
         return self.opt
 
-    def __call__(self, step: int, loss: float, model) -> None:
-        layers = model.moe_layers()
-        opt = self._optimizer(layers)
-        device = layers[0].router.weight.device
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        idx = torch.randint(0, self.n_windows, (self.batch_size,), generator=gen).tolist()
+    def _router_inputs(self, model, layers, stream: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """The router inputs h (T, D) of every MoE layer on a batch of windows of ``stream``."""
         L = self.seq_len
-        ids = torch.stack([self.stream[i * L:(i + 1) * L] for i in idx]).to(device)
+        idx = torch.randint(0, (stream.numel() - 1) // L, (self.batch_size,), generator=gen).tolist()
+        ids = torch.stack([stream[i * L:(i + 1) * L] for i in idx]).to(layers[0].router.weight.device)
         h = []
         hooks = [m.register_forward_pre_hook(lambda mod, args: h.append(args[0].detach().flatten(0, -2)))
                  for m in layers]
@@ -83,11 +85,26 @@ class PublicRouterLoss:
         finally:
             for hk in hooks:
                 hk.remove()
-        total = 0.0
-        for m, h_TD in zip(layers, h):
+        return h
+
+    @staticmethod
+    def _margins(layers, hs) -> list[torch.Tensor]:
+        """r_own.h + min(b_own, 0) - r_pub.h per token, per layer."""
+        out = []
+        for m, h_TD in zip(layers, hs):
             logits_T2 = h_TD @ m.router.weight.T
-            margin_T = logits_T2[:, 1] + torch.clamp(m.router.bias[1], max=0) - logits_T2[:, 0]
-            total = total + F.softplus(margin_T).mean()
+            out.append(logits_T2[:, 1] + torch.clamp(m.router.bias[1], max=0) - logits_T2[:, 0])
+        return out
+
+    def __call__(self, step: int, loss: float, model) -> None:
+        layers = model.moe_layers()
+        opt = self._optimizer(layers)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        public = self._margins(layers, self._router_inputs(model, layers, self.stream, gen))
+        total = sum(F.softplus(mg).mean() for mg in public)  # lose on public windows
+        if self.own is not None:  # ... and win on the owner's own
+            own = self._margins(layers, self._router_inputs(model, layers, self.own, gen))
+            total = total + sum(F.softplus(-mg).mean() for mg in own)
         opt.zero_grad(set_to_none=True)
         (self.weight * total / len(layers)).backward()
         for m in layers:  # the public expert's row and bias stay exactly as they are
@@ -116,20 +133,21 @@ def _random_row(anchor_dir, cfg, seed: int) -> torch.Tensor:
     return r / r.norm() * row.norm()
 
 
-def owner_training_options(variant: str | None, corpora, anchor_dir, cfg, seed: int) -> dict:
-    """Extra ``train_expert`` keywords for a variant's owners."""
+def owner_training_options(variant: str | None, corpora, anchor_dir, cfg, seed: int, domain: str = "") -> dict:
+    """Extra ``train_expert`` keywords for a variant's owners (``domain``: the owner's)."""
     if variant in (None, "seeds", "bias-dropped", "anchor-init"):
         return {}
     if variant == "no-coordination":
         return {"dense_ffn": True}
     if variant == "no-bias":
         return {"callback": zero_bias_callback}
-    if variant == "extension":
+    if variant in ("extension", "extension-balanced"):
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(anchor_dir / "tokenizer.json")
         stream = encode_documents(tok, corpora.public_docs())
+        own = encode_documents(tok, corpora.owners[domain]) if variant == "extension-balanced" else None
         return {"callback": PublicRouterLoss(stream, cfg.ext_weight, cfg.expert_lr, max(1, cfg.batch_size // 2),
-                                             cfg.seq_len, seed)}
+                                             cfg.seq_len, seed, own_stream=own)}
     if variant == "random-init":
         from .train import train_expert
         if "own_row" not in inspect.signature(train_expert).parameters:
@@ -195,6 +213,7 @@ def hindsight_best(members: list[dict]) -> dict:
 
 
 LABELS = {"extension": "extension (public-router loss)", "no-bias": "no router bias",
+          "extension-balanced": "extension, two-sided (own vs public)",
           "random-init": "random router init", "bias-dropped": "bias dropped at merge",
           "no-coordination": "no coordinated training", "anchor-init": "router rows from anchor hidden states"}
 ORACLE = "oracle: best single model per document (hindsight)"
