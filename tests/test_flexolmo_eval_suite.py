@@ -163,7 +163,7 @@ def test_micro_demo_every_variant_reports_its_rows(tmp_path):
     from flexkern.flexolmo.demo import VARIANTS, run_demo
     kw = dict(install=False, log=False, max_bytes=12_000, anchor_steps=2, expert_steps=1, rt_steps=1, seq_len=32,
               eval_tokens=128, short_tokens=16, mixed_per_pair=1, bootstrap=20, embed_docs=2, rt_public_docs=2,
-              embed_method="anchor", batch_size=2, attribution=False, topk_sweep=False)
+              embed_method="anchor", batch_size=2, attribution=True, topk_sweep=False)
     run = tmp_path / "run"
     r = run_demo(run, "micro", variants=VARIANTS, **kw)
     rows = {label for v in r["variant_rows"].values() for label in v}
@@ -184,3 +184,5 @@ def test_micro_demo_every_variant_reports_its_rows(tmp_path):
     from flexkern.flexolmo.checkpoint import read_public_embedding
     assert read_public_embedding(run / "anchor_hidden")[1] == "anchor"
     assert "## Ablations and diagnostics" in (run / "report.md").read_text()
+    assert {"no coordinated training: top-2 (no RT)", "extension, two-sided (own vs public): top-2 (no RT)",
+            "diagnostic: RT on the owners' closed data (not private), top-2"} <= set(r["routing"])

@@ -593,7 +593,7 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
             from .merge import load_model
             results["routing"] = routing_table(
                 {f"FlexOlmo top-{cfg.headline_top_k} (no RT)": load_model(merged_dir, cfg.device)[0],
-                 res["headline"]: res["tuned"]}, res["names"], tok, corpora.heldout)
+                 res["headline"]: res["tuned"], **_variant_models(out, cfg)}, res["names"], tok, corpora.heldout)
     results["timings"] = dict(timer.timings)
     results["timings_note"] = ("per stage, from the run that did it; this invocation ran: "
                                + (", ".join(sorted(timer.ran)) or "nothing but the evaluation"))
@@ -603,6 +603,18 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
     if log:
         print("\n".join(["", "== summary"] + _summary_lines(results) + [f"report: {out / 'report.md'}"]), flush=True)
     return results
+
+
+def _variant_models(out: Path, cfg: DemoConfig) -> dict:
+    """The variants' merged models (no RT) and the closed-data RT diagnostic, for the routing table."""
+    from .merge import load_model
+    from .variants import LABELS
+    h = cfg.headline_top_k
+    dirs = {f"{LABELS[v]}: top-{h} (no RT)": out / f"merged_{v}" for v in cfg.variants
+            if v in LABELS and v != "bias-dropped"}
+    if "rt-ceiling" in cfg.variants:
+        dirs[f"diagnostic: RT on the owners' closed data (not private), top-{h}"] = out / "diag_rt_closed"
+    return {label: load_model(d, cfg.device)[0] for label, d in dirs.items() if (d / "experts.json").exists()}
 
 
 def _notes(cfg: DemoConfig, results: dict) -> list[str]:
