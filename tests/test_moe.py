@@ -1,6 +1,7 @@
 """FlexMoE: the public module contract against an independent per-token implementation."""
 import pytest
 import torch
+import torch.utils._python_dispatch
 from hypothesis import given, settings, strategies as st
 
 import flexkern
@@ -95,6 +96,85 @@ def test_public_expert_has_no_bias():
     with torch.no_grad():
         moe.router.bias.copy_(torch.tensor([-5.0, 3.0, -2.0], dtype=torch.float64))
     assert moe.effective_bias().tolist() == [0.0, 0.0, -2.0]
+
+
+def _former_forward(moe, x):
+    """FlexMoE's forward as it was written before the inference extras were removed (zeros + clamp
+    + cat bias, router ``where`` and z-loss whenever grad mode is on): the bit-exact reference."""
+    w, b, frozen, mask = moe.router.weight, moe.router.bias, moe.expert_frozen, moe.expert_mask
+    bias = torch.cat([b.new_zeros(1), torch.clamp(b[1:], max=0)])
+    router = torch.where(frozen[:, None], w.detach(), w)
+    bias = torch.where(frozen, bias.detach(), bias)
+    weights, experts, logits = flexkern.route(x, router, moe.top_k, bias, mask, moe.mask_mode,
+                                              moe.renormalize)
+    disp = flexkern.dispatch(experts, moe.num_experts, mask)
+    y = flexkern.experts_swiglu(x, moe.experts.gate_proj, moe.experts.up_proj,
+                                moe.experts.down_proj, disp, weights, frozen)
+    return y, moe._z_loss(logits)
+
+
+@pytest.mark.parametrize("mask_mode", ["reroute", "drop"])
+def test_forward_and_gradients_bit_identical_to_the_former_formula(mask_mode):
+    moe = make_moe(E=5, K=2, dtype=torch.float32, mask_mode=mask_mode)
+    with torch.no_grad():  # expert 0's bias negative (ignored), a zero (clamp edge) and a -0.0
+        moe.router.bias.copy_(torch.tensor([-3.0, 0.0, -0.0, 1.5, -0.7]))
+    moe.expert_frozen[1] = True
+    moe.expert_mask[3] = False
+    x = torch.randn(13, 8, requires_grad=True)
+    params = [x, moe.router.weight, moe.router.bias, moe.experts.gate_proj, moe.experts.up_proj,
+              moe.experts.down_proj]
+    dy = torch.randn(13, 8)
+    y = moe(x)
+    z = moe.z_loss
+    y_old, z_old = _former_forward(moe, x)
+    assert torch.equal(y, y_old) and torch.equal(z, z_old)
+    got = torch.autograd.grad((y * dy).sum() + z, params)
+    want = torch.autograd.grad((y_old * dy).sum() + z_old, params)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert float(got[2][0]) == 0.0  # expert 0's bias: no gradient
+    assert bool((got[1][1] == 0).all())  # frozen router row
+    # Without gradient: the same output, and no z-loss.
+    with torch.no_grad():
+        assert torch.equal(moe(x), y_old) and moe.z_loss is None
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    assert torch.equal(moe(x.detach()), y_old.detach()) and moe.z_loss is None
+    moe(x)  # the input wants a gradient: the z-loss has one
+    assert moe.z_loss is not None and moe.z_loss.requires_grad
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The top-level ops a forward runs (a custom op counts once, its insides not at all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__ if func.namespace == "aten" else str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("router_bias", [True, False])
+def test_inference_forward_runs_no_router_extras(router_bias):
+    """A forward without gradient runs the bias clamp/fill and the route op, no ``where`` and no
+    z-loss (no_grad, and grad mode with nothing requiring grad)."""
+    moe = make_moe(dtype=torch.float32, router_bias=router_bias)
+    moe.expert_frozen[1] = True
+    x = torch.randn(2, 7, 8)
+    with torch.no_grad():
+        moe(x)  # the mask check reads the mask once after each change; not part of the count
+    want = ["view"] + (["clamp", "slice", "zero_"] if router_bias else []) + [
+        "flexkern.route.default", "flexkern.dispatch.default", "flexkern.experts_swiglu.default", "view"]
+    with torch.no_grad(), _CountOps() as counted:
+        moe(x)
+    assert counted.ops == want
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    with _CountOps() as counted:
+        moe(x)
+    assert counted.ops == want
 
 
 def test_gradients_match_oracle_gradients():

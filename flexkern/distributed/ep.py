@@ -188,23 +188,12 @@ class ExpertParallelMoE(FlexMoE):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        w = self.router.weight
         if not self._verified:
             self.verify()
         self._check_mask()
         x_TD = x.reshape(-1, self.d_model)
         with self._phase("routing"):  # exactly FlexMoE's routing, on this rank's tokens
-            frozen_E = self.expert_frozen
-            grad = torch.is_grad_enabled()
-            router_ED, bias_E = w, self.effective_bias()
-            if grad:  # frozen router rows and biases see no gradient
-                router_ED = torch.where(frozen_E[:, None], w.detach(), w)
-                if bias_E is not None:
-                    bias_E = torch.where(frozen_E, bias_E.detach(), bias_E)
-            weights_TK, experts_TK, logits_TE = ops.route(
-                x_TD, router_ED, self.top_k, bias_E, self.expert_mask, self.mask_mode,
-                self.renormalize, self.backend)
-            self.z_loss = self._z_loss(logits_TE) if grad else None
+            weights_TK, experts_TK = self._route(x_TD)
             disp = ops.dispatch(experts_TK, self.num_experts, self.expert_mask, self.backend, validate=False)
             x_ND = ops.permute(x_TD, disp, self.backend)
         # Every rank must enter the backward exchanges together: keep them in the graph whenever a

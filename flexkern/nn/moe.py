@@ -11,7 +11,8 @@ Public contract (the merge tooling depends on these names and shapes):
     mask_mode           "reroute": masked experts leave the softmax (same as deleting them)
                         "drop":    routing unchanged, slots that chose a masked expert add nothing
     z_loss              router z-loss of the last forward that wanted a gradient: mean over tokens
-                        of logsumexp(active logits)^2 (None after a forward under no_grad)
+                        of logsumexp(active logits)^2 (None after a forward whose router logits need
+                        no gradient: under no_grad, or neither input nor router parameters require it)
 
 Rules:
 - Expert 0 is the public expert: it stays in slot 0 and has no bias. ``remove_expert(0)`` is
@@ -141,7 +142,11 @@ class FlexMoE(nn.Module):
         b = self.router.bias
         if b is None:
             return None
-        return torch.cat([b.new_zeros(1), torch.clamp(b[1:], max=0)])
+        # One clamp and one fill (not zeros + clamp + cat): the same values, and under autograd the
+        # same gradient (expert 0's entry gets none; the others pass where b <= 0).
+        bias_E = torch.clamp(b, max=0)
+        bias_E[:1].zero_()
+        return bias_E
 
     def _check_mask(self) -> None:
         # Only a warning: fewer than top_k active experts is defined (module docstring). Reading the
@@ -178,28 +183,39 @@ class FlexMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        w = self.router.weight
         self._check_mask()
         x_TD = x.reshape(-1, self.d_model)
-        frozen_E, mask_E = self.expert_frozen, self.expert_mask
-        bias_E = self.effective_bias()
-        grad = torch.is_grad_enabled()
-        router_ED = w
-        if grad:  # frozen router rows and biases see no gradient (the experts skip their dW work)
-            router_ED = torch.where(frozen_E[:, None], w.detach(), w)
-            if bias_E is not None:
-                bias_E = torch.where(frozen_E, bias_E.detach(), bias_E)
-        weights_TK, experts_TK, logits_TE = ops.route(
-            x_TD, router_ED, self.top_k, bias_E, mask_E, self.mask_mode, self.renormalize, self.backend,
-        )
-        # The z-loss is a training term: not computed when no gradient is wanted.
-        self.z_loss = self._z_loss(logits_TE) if grad else None
+        weights_TK, experts_TK = self._route(x_TD)
+        mask_E = self.expert_mask
         disp = ops.dispatch(experts_TK, self.num_experts, mask_E, self.backend, validate=False)
         y_TD = ops.experts_swiglu(
             x_TD, self.experts.gate_proj, self.experts.up_proj, self.experts.down_proj, disp,
-            weights_TK, frozen_E, self.backend, self.recompute_activations,
+            weights_TK, self.expert_frozen, self.backend, self.recompute_activations,
         )
         return y_TD.view(x.shape)
+
+    def _route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """route with this layer's router; sets ``self.z_loss``. Returns (weights_TK, experts_TK).
+
+        Frozen experts' router rows and biases are detached only where a gradient could reach them,
+        and the z-loss is computed only when it can have a gradient (its logits require grad). A
+        forward without gradient (no_grad, or no router parameter or input requiring grad) runs
+        the bias clamp and the route op, nothing more (``tests/test_moe.py`` pins the op count)."""
+        w, frozen_E = self.router.weight, self.expert_frozen
+        bias_E = self.effective_bias()
+        router_ED = w
+        if w.requires_grad and torch.is_grad_enabled():
+            # frozen router rows and biases see no gradient (the experts skip their dW work)
+            router_ED = torch.where(frozen_E[:, None], w.detach(), w)
+        if bias_E is not None and bias_E.requires_grad:
+            bias_E = torch.where(frozen_E, bias_E.detach(), bias_E)
+        weights_TK, experts_TK, logits_TE = ops.route(
+            x_TD, router_ED, self.top_k, bias_E, self.expert_mask, self.mask_mode, self.renormalize,
+            self.backend,
+        )
+        # The z-loss is a training term: not computed when it cannot have a gradient.
+        self.z_loss = self._z_loss(logits_TE) if logits_TE.requires_grad else None
+        return weights_TK, experts_TK
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor) -> list:
