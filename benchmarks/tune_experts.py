@@ -6,7 +6,10 @@
 For each shape it prints the per-kernel time breakdown of one forward+backward (torch.profiler)
 with the current table (``--trace-dir``: also a gzipped Chrome trace of it per shape), then varies each role's TileConfig (gate_up and down timed through the
 forward, recompute, dx and wgrad through the backward) with the others fixed, and reports the best
-candidate per role next to the current one. The winners go into flexkern/triton/configs.py by hand.
+candidate per role next to the current one. Each role's candidates are the CANDIDATES tiles plus
+its current tiles in every grouped tile order of GROUP_MS (``group_m``). The winners go into
+flexkern/triton/configs.py by hand (and ``python -m flexkern.triton.compile_check --group-m ...``
+checks they compile for sm_90).
 """
 from __future__ import annotations
 
@@ -35,9 +38,18 @@ CANDIDATES = {
              T_(128, 128, 32, 8, 4)],
     "recompute": [T_(128, 64, 64, 8, 3), T_(128, 128, 32, 8, 3), T_(64, 128, 64, 8, 3), T_(64, 64, 64, 4, 4)],
     "dx": [T_(128, 128, 64, 8, 3), T_(128, 256, 64, 8, 3), T_(64, 128, 64, 4, 4), T_(128, 64, 64, 4, 4)],
-    "wgrad": [T_(128, 128, 32, 8, 4), T_(128, 256, 64, 8, 3), T_(64, 128, 64, 4, 4), T_(128, 128, 128, 8, 2),
-              T_(256, 128, 64, 8, 3)],
+    # row-major like the table's wgrad entries; the grouped orders come from GROUP_MS below
+    "wgrad": [T_(128, 128, 32, 8, 4, 1), T_(128, 256, 64, 8, 3, 1), T_(64, 128, 64, 4, 4, 1),
+              T_(128, 128, 128, 8, 2, 1), T_(256, 128, 64, 8, 3, 1)],
 }
+# Grouped (L2-aware) tile orders tried on each role's current config, tiles unchanged: 1 is
+# row-major; the GEMMs' table entries use 8, wgrad's 1 (TileConfig.group_m).
+GROUP_MS = (1, 4, 8, 16)
+
+
+def group_m_variants(cfg: configs.TileConfig) -> list[configs.TileConfig]:
+    """``cfg`` with each other grouped tile order of GROUP_MS."""
+    return [dataclasses.replace(cfg, group_m=g) for g in GROUP_MS if g != cfg.group_m]
 FORWARD_ROLES = ("gate_up", "down")
 
 
@@ -183,7 +195,7 @@ def sweep(shape, breakdown_only: bool = False, trace_dir: str | None = None,
     original = triton_ops.pick
     try:
         for role in roles:
-            cands = CANDIDATES[role]
+            cands = CANDIDATES[role] + group_m_variants(getattr(base, role))
             fn = fwd if role in FORWARD_ROLES else bwd
             rows = []
             for cand in [getattr(base, role)] + cands:

@@ -87,3 +87,17 @@ def test_kernel_launches_label_roles_in_launch_order():
     gate_up, down = rated[0], rated[1]
     assert gate_up["tflops"] == 4 * 1e9 / (1.0 * 1e9) and down["tflops"] == 2 * 1e9 / (2.0 * 1e9)
     assert "tflops" not in rated[2]  # the combine is no GEMM
+
+
+def test_sweep_tries_every_grouped_tile_order():
+    """Each role's sweep adds its current tiles in the other grouped tile orders (group_m)."""
+    sys.path.insert(0, str(ROOT))
+    import dataclasses
+
+    from benchmarks import tune_experts
+
+    cur = tune_experts.T_(64, 128, 64, 4, 3, 8)
+    got = tune_experts.group_m_variants(cur)
+    assert sorted(c.group_m for c in got) == sorted(g for g in tune_experts.GROUP_MS if g != 8)
+    assert all(dataclasses.replace(c, group_m=8) == cur for c in got)  # only the order differs
+    assert 1 in tune_experts.GROUP_MS and all(c.group_m == 1 for c in tune_experts.CANDIDATES["wgrad"])

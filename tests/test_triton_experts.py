@@ -25,7 +25,11 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import flexkern  # noqa: E402
+from flexkern.triton.schedule import swizzle  # noqa: E402
 from flexkern.ops import backend, dispatch_ref, experts_bwd_ref, experts_fwd_ref  # noqa: E402
 
 # The interpreter turns 0-d arrays into loop bounds with a numpy deprecation warning (not ours).
@@ -195,6 +199,60 @@ def test_frozen_experts_get_zero_dw_others_exact(dtype, saved):
     assert_relative(got, plain, ref, dtype)
     assert_zero_dw(got, [0, 2])
     assert all(bool((g[[1, 3]] != 0).any()) for g in got[2:5])
+
+
+@triton.jit
+def _order_kernel(out_ptr, num_m, num_n, GROUP_M: tl.constexpr):
+    """Stores the (m, n) tile each program gets from schedule.swizzle."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = swizzle(pid, num_m, num_n, GROUP_M)
+    tl.store(out_ptr + 2 * pid, pid_m)
+    tl.store(out_ptr + 2 * pid + 1, pid_n)
+
+
+def test_grouped_tile_order_is_a_permutation_and_1_is_row_major():
+    """schedule.swizzle: every GROUP_M visits each (m, n) tile exactly once; GROUP_M = 1 is the
+    row-major order (pid // num_n, pid % num_n) that wgrad_kernel had before it took GROUP_M."""
+    for num_m, num_n in ((1, 1), (2, 3), (3, 2), (5, 4), (7, 1)):
+        grid = num_m * num_n
+        for group_m in (1, 2, 3, 8):
+            out = torch.full((grid, 2), -1, dtype=torch.int32, device=DEVICE)
+            _order_kernel[(grid,)](out, num_m, num_n, GROUP_M=group_m)
+            tiles = [tuple(t) for t in out.cpu().tolist()]
+            assert sorted(tiles) == [(m, n) for m in range(num_m) for n in range(num_n)], (group_m, tiles)
+            if group_m == 1:
+                assert tiles == [(p // num_n, p % num_n) for p in range(grid)]
+
+
+def test_gpu_tables_keep_the_measured_tile_orders():
+    """Grouped tile order is a launch parameter; the GPU tables keep the orders they were measured
+    with: row-major (1) for wgrad, 8 for the row-tiled GEMMs (change them only by measurement)."""
+    from flexkern.triton import configs
+
+    tables = [*configs._TABLE.values(), configs._DEFAULT, configs._DEFAULT_DECODE]
+    assert all(t.wgrad.group_m == 1 for t in tables) and configs.SAFE_WGRAD.group_m == 1
+    assert all(getattr(t, r).group_m == 8 for t in tables for r in ("gate_up", "down", "recompute", "dx"))
+
+
+@pytest.mark.parametrize("group_m", [1, 3])
+@pytest.mark.parametrize("saved", [True, False], ids=["saved_gu", "recompute_gu"])
+def test_every_kernel_with_another_grouped_tile_order(monkeypatch, group_m, saved):
+    """Every role's group_m set to 1 (row-major) or 3 (more than some tile counts here: a partial
+    group), against the reference with poisoned outputs; the interpreter table itself uses 2."""
+    import dataclasses
+
+    from flexkern.triton import configs, ops
+
+    base = configs._INTERPRETER
+    cfg = dataclasses.replace(base, **{f.name: dataclasses.replace(getattr(base, f.name), group_m=group_m)
+                                       for f in dataclasses.fields(base)})
+    monkeypatch.setattr(ops, "pick", lambda *a: cfg)
+    frozen = torch.tensor([False, True, False, False])
+    # D = 24, F = 40 with 16-wide tiles: 2 x 3 weight-gradient tiles per expert, 2 and 3 column tiles
+    case = make_case(T=23, D=24, F=40, E=4, K=2, frozen_E=frozen)
+    got, plain, ref = run_both(case, torch.float32, saved)
+    assert_relative(got, plain, ref, torch.float32)
+    assert_zero_dw(got, [1])
 
 
 def test_public_op_autograd_matches_reference():

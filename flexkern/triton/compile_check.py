@@ -1,11 +1,13 @@
 """Compile every expert kernel for a CUDA architecture without a GPU, and report shared memory.
 
-    python -m flexkern.triton.compile_check --arch 90 --dtype bf16 [--regime large decode]
+    python -m flexkern.triton.compile_check --arch 90 --dtype bf16 [--regime large decode] [--group-m 4 8]
 
 Triton lowers to PTX and runs its bundled ptxas offline, so a CPU machine can prove that each
 launch-table entry compiles for Hopper (sm_90) and fits its shared memory. Integer sizes are given
 16-divisibility, as aligned real shapes are specialised at launch. Must run with TRITON_INTERPRET
-unset (the kernels must be built by triton.jit, not the interpreter). Exit status 1 on any failure.
+unset (the kernels must be built by triton.jit, not the interpreter). ``--group-m G ...`` also
+compiles every table with each role's grouped tile order set to G (the values tune_experts
+sweeps). Exit status 1 on any failure.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 # Shared memory per block (opt-in maximum) by compute capability.
 _MAX_SHARED = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
 # Arguments that are counters, not sizes or strides: no divisibility hint.
-_COUNTERS = {"E", "num_m", "num_n", "num_q", "num_parts", "T", "TK"}
+_COUNTERS = {"E", "num_m", "num_n", "num_p", "num_q", "num_parts", "T", "TK"}
 
 
 def _compile(fn, types: dict, consts: dict, cfg, arch: int):
@@ -62,7 +64,7 @@ def kernels_of(table, dt: str):
 
     def wgrad(cfg, two):
         return dict(A_BY_TOKEN=not two, B_BY_TOKEN=two, TWO=two, HAS_FROZEN=True, PRECISION=prec,
-                    BLOCK_P=cfg.block_m, BLOCK_Q=cfg.block_n, BLOCK_R=cfg.block_k)
+                    BLOCK_P=cfg.block_m, BLOCK_Q=cfg.block_n, BLOCK_R=cfg.block_k, GROUP_M=cfg.group_m)
 
     def recompute(cfg, load_gu):
         return dict(LOAD_GU=load_gu, PRECISION=prec, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -84,11 +86,20 @@ def kernels_of(table, dt: str):
     ]
 
 
+def _with_group_m(table, group_m: int):
+    """``table`` with every role's grouped tile order set to ``group_m``."""
+    import dataclasses
+    return dataclasses.replace(table, **{f.name: dataclasses.replace(getattr(table, f.name), group_m=group_m)
+                                         for f in dataclasses.fields(table)})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--regime", nargs="*", default=("large", "medium", "decode"))
+    ap.add_argument("--group-m", nargs="*", type=int, default=(),
+                    help="also compile each table with every role's group_m set to these values")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter builds no compilable kernels", file=sys.stderr)
@@ -102,8 +113,10 @@ def main(argv=None) -> int:
             tables.append((f"default/{reg}", configs._DEFAULT_DECODE if reg == "decode" else configs._DEFAULT))
         else:
             tables.append((f"{fam}/{reg}", configs._TABLE[(fam, reg)]))
+    tables += [(f"{name}/g{g}", _with_group_m(table, g)) for g in args.group_m for name, table in list(tables)]
+    safe = configs.SAFE
     limit, failed = _MAX_SHARED.get(args.arch, 101376), 0
-    for name, table in tables + [("safe", configs.ExpertsConfig(*(configs.SAFE,) * 5, configs.SAFE))]:
+    for name, table in tables + [("safe", configs.ExpertsConfig(safe, safe, safe, safe, configs.SAFE_WGRAD, safe))]:
         for label, fn, types, consts, cfg in kernels_of(table, args.dtype):
             try:
                 shared = _compile(fn, types, consts, cfg, args.arch).metadata.shared

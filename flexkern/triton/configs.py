@@ -28,7 +28,12 @@ import torch
 @dataclass(frozen=True)
 class TileConfig:
     """block_m: rows (tokens); block_n: output columns; block_k: reduction. For wgrad these are
-    (P, Q, rows) of the per-expert weight tile; for the combine (tokens, d_model columns, -)."""
+    (P, Q, rows) of the per-expert weight tile; for the combine (tokens, d_model columns, -).
+
+    group_m: grouped (L2-aware) program order (``schedule.swizzle``, as in Triton's matmul
+    tutorial): group_m row tiles (wgrad: P tiles) run for each column tile before the next group;
+    1 is plain row-major order (column tiles fastest). The combine ignores it. Every wgrad entry
+    below says 1, the order that kernel had before it took the parameter (unmeasured on a GPU)."""
 
     block_m: int
     block_n: int
@@ -50,6 +55,7 @@ class ExpertsConfig:
 
 _T = TileConfig
 SAFE = _T(32, 32, 32, num_warps=4, num_stages=1)
+SAFE_WGRAD = _T(32, 32, 32, num_warps=4, num_stages=1, group_m=1)  # wgrad's fallback, row-major
 
 _COMBINE = _T(4, 256, 1, num_warps=4)
 _TABLE: dict[tuple[str, str], ExpertsConfig] = {
@@ -57,35 +63,35 @@ _TABLE: dict[tuple[str, str], ExpertsConfig] = {
     # Measured with benchmarks/tune_experts.py on an H200 (bf16, OLMoE- and Mixtral-like shapes).
     ("hopper", "large"): ExpertsConfig(
         gate_up=_T(128, 128, 32, 8, 4), down=_T(128, 256, 64, 8, 3), recompute=_T(128, 64, 64, 8, 3),
-        dx=_T(128, 128, 64, 8, 3), wgrad=_T(128, 128, 64, 8, 3), combine=_COMBINE),
+        dx=_T(128, 128, 64, 8, 3), wgrad=_T(128, 128, 64, 8, 3, 1), combine=_COMBINE),
     ("hopper", "medium"): ExpertsConfig(
         gate_up=_T(64, 128, 64, 8, 3), down=_T(64, 128, 64, 4, 4), recompute=_T(64, 64, 64, 4, 3),
-        dx=_T(64, 128, 64, 4, 3), wgrad=_T(128, 128, 64, 8, 3), combine=_COMBINE),
+        dx=_T(64, 128, 64, 4, 3), wgrad=_T(128, 128, 64, 8, 3, 1), combine=_COMBINE),
     ("hopper", "decode"): ExpertsConfig(
         gate_up=_T(16, 64, 128, 4, 3), down=_T(16, 64, 128, 4, 3), recompute=_T(16, 64, 64, 4, 3),
-        dx=_T(16, 64, 64, 4, 3), wgrad=_T(64, 64, 32, 4, 3), combine=_COMBINE),
+        dx=_T(16, 64, 64, 4, 3), wgrad=_T(64, 64, 32, 4, 3, 1), combine=_COMBINE),
     # A100 (sm80): same shapes, fewer stages.
     ("ampere", "large"): ExpertsConfig(
         gate_up=_T(128, 128, 32, 8, 3), down=_T(128, 128, 32, 8, 3), recompute=_T(128, 64, 32, 8, 3),
-        dx=_T(128, 128, 32, 8, 2), wgrad=_T(128, 128, 32, 8, 3), combine=_COMBINE),
+        dx=_T(128, 128, 32, 8, 2), wgrad=_T(128, 128, 32, 8, 3, 1), combine=_COMBINE),
     ("ampere", "medium"): ExpertsConfig(
         gate_up=_T(64, 128, 32, 4, 3), down=_T(64, 128, 32, 4, 3), recompute=_T(64, 64, 32, 4, 3),
-        dx=_T(64, 128, 32, 4, 3), wgrad=_T(64, 128, 32, 4, 3), combine=_COMBINE),
+        dx=_T(64, 128, 32, 4, 3), wgrad=_T(64, 128, 32, 4, 3, 1), combine=_COMBINE),
     ("ampere", "decode"): ExpertsConfig(
         gate_up=_T(16, 64, 64, 4, 3), down=_T(16, 64, 64, 4, 3), recompute=_T(16, 64, 64, 4, 2),
-        dx=_T(16, 64, 64, 4, 2), wgrad=_T(64, 64, 32, 4, 3), combine=_COMBINE),
+        dx=_T(16, 64, 64, 4, 2), wgrad=_T(64, 64, 32, 4, 3, 1), combine=_COMBINE),
 }
 _DEFAULT = ExpertsConfig(  # any other GPU: small shared memory footprint
     gate_up=_T(64, 64, 32, 4, 2), down=_T(64, 64, 32, 4, 2), recompute=_T(64, 32, 32, 4, 2),
-    dx=_T(64, 64, 32, 4, 2), wgrad=_T(64, 64, 32, 4, 2), combine=_COMBINE)
+    dx=_T(64, 64, 32, 4, 2), wgrad=_T(64, 64, 32, 4, 2, 1), combine=_COMBINE)
 _DEFAULT_DECODE = ExpertsConfig(
     gate_up=_T(16, 64, 32, 4, 2), down=_T(16, 64, 32, 4, 2), recompute=_T(16, 32, 32, 4, 2),
-    dx=_T(16, 64, 32, 4, 2), wgrad=_T(32, 32, 32, 4, 2), combine=_COMBINE)
+    dx=_T(16, 64, 32, 4, 2), wgrad=_T(32, 32, 32, 4, 2, 1), combine=_COMBINE)
 # The interpreter runs each program in numpy: small tiles exercise the ragged edges of small
 # test shapes (several row tiles per expert, several K steps).
 _INTERPRETER = ExpertsConfig(
     gate_up=_T(16, 16, 16, 1, 1, 2), down=_T(16, 16, 16, 1, 1, 2), recompute=_T(16, 16, 16, 1, 1, 2),
-    dx=_T(16, 16, 16, 1, 1, 2), wgrad=_T(16, 16, 16, 1, 1), combine=_T(4, 16, 1, 1, 1))
+    dx=_T(16, 16, 16, 1, 1, 2), wgrad=_T(16, 16, 16, 1, 1, 2), combine=_T(4, 16, 1, 1, 1))
 
 
 def max_row_tiles(num_rows: int, num_experts: int, block_m: int) -> int:

@@ -9,7 +9,8 @@ recompute_kernel   per row tile of one expert and one F tile, one loop over D wi
                    and the partial d weights sum_f h * s of this F tile (o . dy without forming o).
 wgrad_kernel       out[e] = A[rows(e)]^T @ B[rows(e)] per expert, reduced over that expert's rows
                    read from offsets_E1 on the device; frozen experts and experts without rows run
-                   no loop iterations (nothing read) and store zeros.
+                   no loop iterations (nothing read) and store zeros. GROUP_M: grouped (L2-aware)
+                   order of the (P, Q) tiles; 1 is plain row-major (Q tiles fastest).
 
 h is never saved: it is formed here from g and u. Loading g and u (saved by the forward) costs
 2 N x F activation memory between forward and backward; recomputing them shares the loop over D
@@ -97,20 +98,24 @@ def recompute_kernel(
 def wgrad_kernel(
     a_ptr, a2_ptr, b_ptr, out_ptr, out2_ptr,
     offsets_ptr, token_ptr, slot_ptr, weights_ptr, frozen_ptr,
-    P, Q, num_q,
+    P, Q, num_p, num_q,
     A_BY_TOKEN: tl.constexpr, B_BY_TOKEN: tl.constexpr, TWO: tl.constexpr, HAS_FROZEN: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """out[e, p, q] = sum over rows r of expert e of A[r, p] * B[r, q] (and out2 with A2).
 
     A_BY_TOKEN: A rows are read at token_of_row[r] and scaled by weights[slot_of_row[r]] (the
     weighted dy of the combine); B_BY_TOKEN: B rows are read at token_of_row[r] (x).
     A, A2 have row stride P; B has row stride Q; out is (E, P, Q) contiguous.
+    Program order within an expert (``swizzle``): GROUP_M = 1 runs the Q tiles fastest (the
+    row-major order of tile (pid // num_q, pid % num_q)); GROUP_M > 1 runs GROUP_M P tiles per Q
+    tile, so consecutive programs share B[rows, Q tile] while it sits in L2.
     """
-    pid = tl.program_id(0)
+    pid_p, pid_q = swizzle(tl.program_id(0), num_p, num_q, GROUP_M)
     expert = tl.program_id(1).to(tl.int64)
-    ps = (pid // num_q) * BLOCK_P + tl.arange(0, BLOCK_P)
-    qs = (pid % num_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = ps < P
     q_ok = qs < Q
     row_lo = tl.load(offsets_ptr + expert)

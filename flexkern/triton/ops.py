@@ -33,7 +33,7 @@ import triton
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from ..ops.experts import check_saved_activations
-from .configs import SAFE, TileConfig, interpreting, max_row_tiles, pick
+from .configs import SAFE, SAFE_WGRAD, TileConfig, interpreting, max_row_tiles, pick
 
 _POISON_ENV = "FLEXKERN_TRITON_POISON"
 # (kernel, config) pairs that did not fit this GPU's shared memory/registers: use SAFE instead.
@@ -62,16 +62,16 @@ def _block_e(E: int) -> int:
     return max(16, triton.next_power_of_2(E))
 
 
-def _run(name: str, launch, cfg: TileConfig):
-    """launch(cfg), or launch(SAFE) when cfg does not fit the device (remembered per process)."""
+def _run(name: str, launch, cfg: TileConfig, safe: TileConfig = SAFE):
+    """launch(cfg), or launch(safe) when cfg does not fit the device (remembered per process)."""
     if (name, cfg) in _DID_NOT_FIT:
-        return launch(SAFE)
+        return launch(safe)
     try:
         return launch(cfg)
     except (OutOfResources, PTXASError) as exc:
         _DID_NOT_FIT.add((name, cfg))
-        warnings.warn(f"flexkern.triton: {name} config {cfg} does not fit this GPU ({exc}); using {SAFE}")
-        return launch(SAFE)
+        warnings.warn(f"flexkern.triton: {name} config {cfg} does not fit this GPU ({exc}); using {safe}")
+        return launch(safe)
 
 
 def _grouped_gemm(a, a2, b, b2, c, offsets_E1, token_of_row_N, *, k, n_out, b_strides, b2_strides=None,
@@ -117,13 +117,13 @@ def _wgrad(a, a2, b, out, out2, offsets_E1, token_of_row_N, slot_of_row_N, weigh
         num_p, num_q = triton.cdiv(P, cf.block_m), triton.cdiv(Q, cf.block_n)
         gb.wgrad_kernel[(num_p * num_q, E)](
             a, a if a2 is None else a2, b, out, out if out2 is None else out2,
-            offsets_E1, token_of_row_N, slot_of_row_N, weights_TK, frozen, P, Q, num_q,
+            offsets_E1, token_of_row_N, slot_of_row_N, weights_TK, frozen, P, Q, num_p, num_q,
             A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, TWO=a2 is not None,
             HAS_FROZEN=frozen_E is not None, PRECISION=_precision(a.dtype),
-            BLOCK_P=cf.block_m, BLOCK_Q=cf.block_n, BLOCK_R=cf.block_k,
+            BLOCK_P=cf.block_m, BLOCK_Q=cf.block_n, BLOCK_R=cf.block_k, GROUP_M=cf.group_m,
             num_warps=cf.num_warps, num_stages=cf.num_stages)
 
-    _run(f"wgrad{int(a2 is not None)}", launch, cfg)
+    _run(f"wgrad{int(a2 is not None)}", launch, cfg, SAFE_WGRAD)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

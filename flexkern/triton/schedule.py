@@ -37,7 +37,10 @@ def expert_tile(tile, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constex
 
 @triton.jit
 def swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Grouped program order: GROUP_M row tiles share each weight tile while it sits in L2."""
+    """Grouped program order: GROUP_M row tiles share each weight tile while it sits in L2.
+    GROUP_M = 1 is plain row-major order, (pid // num_n, pid % num_n), with no extra index math."""
+    if GROUP_M == 1:
+        return pid // num_n, pid % num_n
     per_group = GROUP_M * num_n
     group = pid // per_group
     first_m = group * GROUP_M
