@@ -168,7 +168,7 @@ def test_micro_demo_every_variant_reports_its_rows(tmp_path):
     r = run_demo(run, "micro", variants=VARIANTS, **kw)
     rows = {label for v in r["variant_rows"].values() for label in v}
     assert set(r["variant_rows"]) == set(VARIANTS)
-    assert rows <= set(r["suite"]) and len(rows) == 2 * 7 + 4 + 4
+    assert rows <= set(r["suite"]) and len(rows) == 2 * 7 + 5 + 4
     table = {a["row"]: a for a in r["ablations"]}
     assert set(table) == rows
     for a in table.values():
@@ -186,3 +186,10 @@ def test_micro_demo_every_variant_reports_its_rows(tmp_path):
     assert "## Ablations and diagnostics" in (run / "report.md").read_text()
     assert {"no coordinated training: top-2 (no RT)", "extension, two-sided (own vs public): top-2 (no RT)",
             "diagnostic: RT on the owners' closed data (not private), top-2"} <= set(r["routing"])
+    probe, report = r["probe"], (run / "report.md").read_text()
+    assert "## Can one token's router input tell its domain?" in report
+    if "skipped" in probe:  # micro's held-out sets mostly hold one document per domain
+        assert f"Not run: {probe['skipped']}" in report
+    else:
+        assert len(probe["domains"]) >= 2 and len(probe["layers"]) == 2
+        assert all(0.0 <= x[k] <= 1.0 for x in probe["layers"] for k in ("token_acc", "context_acc"))

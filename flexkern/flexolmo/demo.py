@@ -305,6 +305,7 @@ class _Evaluator:
         self.scores: dict[str, dict] = {}
         self.boot_cls = Bootstrap
         self.boot = None
+        self.extra_results: dict = {}  # what a variant adds to results.json besides rows (the probe)
 
     def add(self, label: str, model=None, scores=None) -> None:
         from .eval_suite import score_model
@@ -495,7 +496,7 @@ def _goals(res: dict) -> list[dict]:
                                 f"({r['own']['loss'] / r['own']['public'] - 1:+.1%}); largest move {worst[0]} "
                                 f"{worst[1]['delta']:+.3f} (half-width {worst[1]['base_half_width']:.3f})"})
     t = res.get("timings", {})
-    base_stages = [k for k in t if not any(v in k for v in ("seed", "diag_", "anchor_hidden", *VARIANTS))]
+    base_stages = [k for k in t if not any(v in k for v in ("seed", "diag_", "anchor_hidden", "probe", *VARIANTS))]
     total = sum(t[k] for k in base_stages)
     out.append({"goal": "the demo finishes within 15 minutes on 2 cores", "met": total <= 900,
                 "evidence": f"{total / 60:.1f} min summed over the base run's stages (the run that "
@@ -581,6 +582,7 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
     results["timings"] = dict(timer.timings)
     results["variant_rows"] = variant_rows
     results["ablations"] = _ablations(ev, res["headline"], variant_rows)
+    results.update(ev.extra_results)
     results["goals"] = _goals(results)
     seeds_info = getattr(ev, "seed_comparisons", None)
     if seeds_info:

@@ -17,7 +17,7 @@ predicted tokens (nats/token); "avg" is the unweighted mean over the set's group
 percentile bootstrap: units are resampled with replacement within each group, ``bootstrap``
 replicates, and the same resampled units are used for every model (so differences are paired).
 ``paired`` gives the interval of a difference between two models; it is significant when the
-interval excludes 0.
+interval excludes 0 by more than float noise (``NEGLIGIBLE``).
 
 Deterministic: on one machine with the same thread count (``torch.get_num_threads()``) and the same
 package versions, the same models and settings give bit-identical numbers, intervals included
@@ -307,7 +307,16 @@ class Bootstrap:
         pa = self.summarize({set_name: a[set_name]})[set_name][group][0]
         pb = self.summarize({set_name: b[set_name]})[set_name][group][0]
         lo, hi = self._interval(ra[group] - rb[group])
-        return {"diff": pa - pb, "low": lo, "high": hi, "significant": bool(lo > 0 or hi < 0)}
+        return {"diff": pa - pb, "low": lo, "high": hi, "significant": _excludes_zero(lo, hi)}
+
+
+# Differences below this (nats/token) are float noise, not effects: models that differ only by a
+# router bias of -1e-4 give intervals like [+1e-9, +3e-9], which must not be marked significant.
+NEGLIGIBLE = 1e-6
+
+
+def _excludes_zero(lo: float, hi: float) -> bool:
+    return bool(lo > NEGLIGIBLE or hi < -NEGLIGIBLE)
 
 
 def seeds_paired(per_seed_a: list[Scores], per_seed_b: list[Scores], boot: Bootstrap, set_name: str,
@@ -325,7 +334,7 @@ def seeds_paired(per_seed_a: list[Scores], per_seed_b: list[Scores], boot: Boots
     pick = torch.randint(0, D.shape[0], (D.shape[1], D.shape[0]), generator=gen)  # (B, n_seeds)
     rep = D.gather(0, pick.T).mean(0)
     lo, hi = Bootstrap._interval(rep)
-    return {"diff": sum(points) / len(points), "low": lo, "high": hi, "significant": bool(lo > 0 or hi < 0),
+    return {"diff": sum(points) / len(points), "low": lo, "high": hi, "significant": _excludes_zero(lo, hi),
             "per_seed": points}
 
 

@@ -154,6 +154,16 @@ def write_report(results: dict, out_dir, title: str = "FlexOlmo demo report") ->
                   opt_out_table(results), "", "![opt-out](opt_out.png)", ""]
     if results.get("routing"):
         parts += routing_section(results["routing"])
+    if results.get("probe"):
+        from .probe import probe_table
+        parts += ["## Can one token's router input tell its domain?", "",
+                  f"A linear probe (multinomial logistic regression) of each held-out token's domain from "
+                  f"the router's input h in `{results['probe']['model']}`, per layer: from the token's h "
+                  "alone (what a per-token router sees) and from the running mean of h over the window so "
+                  "far (context, which BTM's sequence likelihoods use); test documents disjoint from the "
+                  "probe's training documents.", "",
+                  *(probe_table(results["probe"]) if "skipped" not in results["probe"]
+                    else [f"Not run: {results['probe']['skipped']}"]), ""]
     if results.get("attribution"):
         parts += attribution_section(results["attribution"])
     if results.get("timings"):

@@ -22,9 +22,11 @@
                   of the sentence embedder (the anchor re-saved with that public row: anchor_hidden/).
     rt-ceiling    diagnostics, not the method: the base merged model router-tuned on the owners'
                   *closed* data (which the method never may see; how good can a tuned router get?)
-                  and for 10x the steps, on the proxy sets and on the closed data; plus the best
+                  and for 10x the steps, on the proxy sets, on 10x larger proxy sets and on the
+                  closed data; plus the best
                   single model per document chosen in hindsight (how good are the experts?).
-    routing       evaluation only: the base models with renormalised top-k and with every expert.
+    routing       evaluation only: the base models with renormalised top-k and with every expert, and
+                  a linear probe of the router's input (can one token's h tell its domain? probe.py).
     seeds         the owners trained again with seeds 1..N-1 (merged and router-tuned each), for the
                   headline comparisons over seeds.
 
@@ -297,6 +299,7 @@ def _rt_ceiling_stage(st: dict):
     closed["public"] = st["streams"]["public"]
     long_cfg = dataclasses.replace(cfg, rt_steps=10 * cfg.rt_steps)
     base = out / "merged"
+    wide = _wide_proxy_streams(out, tok, st["corpora"], cfg, timer)
     tuned = {
         f"diagnostic: RT on the owners' closed data (not private), top-{h}":
             st["router_tuned"](out, base, closed, cfg, timer, log, name="diag_rt_closed"),
@@ -304,6 +307,8 @@ def _rt_ceiling_stage(st: dict):
             st["router_tuned"](out, base, st["streams"], long_cfg, timer, log, name="diag_rt_long"),
         f"diagnostic: RT for {long_cfg.rt_steps} steps on the closed data (not private), top-{h}":
             st["router_tuned"](out, base, closed, long_cfg, timer, log, name="diag_rt_closed_long"),
+        f"diagnostic: RT for {long_cfg.rt_steps} steps on proxy sets of {WIDE_PROXY:.0%} (not <<1%), top-{h}":
+            st["router_tuned"](out, base, wide, long_cfg, timer, log, name="diag_rt_wide_proxy"),
     }
 
     def evaluate(ev):
@@ -313,6 +318,28 @@ def _rt_ceiling_stage(st: dict):
         for label, path in tuned.items():
             ev.add(label, load_model(path, cfg.device)[0])
     return evaluate, {ORACLE: "rt-ceiling", **{label: "rt-ceiling" for label in tuned}}
+
+
+WIDE_PROXY = 0.10  # the rt-ceiling's larger proxy sets: 10% of each owner's bytes instead of 1%
+
+
+def _wide_proxy_streams(out, tok, corpora, cfg, timer) -> dict:
+    """Proxy sets picked as the method's, with a 10x budget (cached in diag_wide_proxy.pt)."""
+    import dataclasses
+
+    from .checkpoint import atomic_path
+    from .router_tuning import tuning_streams
+
+    cache = out / "diag_wide_proxy.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    from .demo import rt_config
+    with timer("proxy sets (diag_wide_proxy)"):
+        c = dataclasses.replace(rt_config(cfg), proxy_fraction=WIDE_PROXY)
+        streams, _ = tuning_streams(tok, corpora.public_docs(), corpora.owners, c)
+    with atomic_path(cache) as tmp:
+        torch.save(streams, tmp)
+    return streams
 
 
 def routing_rows(merged, tuned, top_k: int, score) -> dict:
@@ -352,6 +379,17 @@ def _routing_stage(st: dict):
         tuned, _ = load_model(out / "merged_rt", cfg.device)
         for label, sc in routing_rows(merged, tuned, h, lambda m: _score(ev, m)).items():
             ev.add(label, scores=sc)
+        from .probe import domain_probe
+        from .tokenizer import load_tokenizer
+        docs = {d: v for d, v in st["corpora"].heldout.items() if len(v) >= 2}  # the split is by document
+        with ev.timer("domain probe"):
+            try:
+                ev.extra_results["probe"] = {
+                    "model": f"FlexOlmo top-{h} (no RT)",
+                    **domain_probe(merged, load_tokenizer(out / "merged" / "tokenizer.json"), docs, cfg.seq_len,
+                                   tokens_per_domain=cfg.eval_tokens)}
+            except ValueError as exc:  # too little held-out text (tiny settings): say so in the report
+                ev.extra_results["probe"] = {"model": f"FlexOlmo top-{h} (no RT)", "skipped": str(exc)}
     return evaluate, {label: "routing" for label in labels}
 
 
