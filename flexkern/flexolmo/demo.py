@@ -431,6 +431,14 @@ def _ablations(ev: _Evaluator, headline: str, variant_rows: dict) -> list[dict]:
     return out
 
 
+def _versus(ev: _Evaluator, reference: str, rows: list[str]) -> dict:
+    """{row: {set: paired(row - reference)}} for the rows that were scored (the findings use them)."""
+    if reference not in ev.scores:
+        return {}
+    return {r: {s: ev.boot.paired(ev.scores[r], ev.scores[reference], s) for s in ev.sets}
+            for r in rows if r in ev.scores}
+
+
 def _opt_out_rows(ev: _Evaluator, opt: dict, headline: str) -> dict:
     """Per removed owner: held-out loss per domain with intervals, and the goal checks."""
     boot = ev.boot
@@ -582,6 +590,7 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
     results["timings"] = dict(timer.timings)
     results["variant_rows"] = variant_rows
     results["ablations"] = _ablations(ev, res["headline"], variant_rows)
+    results["versus_btm"] = _versus(ev, "BTM top-2", [label for rows in variant_rows.values() for label in rows])
     results.update(ev.extra_results)
     results["goals"] = _goals(results)
     seeds_info = getattr(ev, "seed_comparisons", None)

@@ -229,6 +229,12 @@ def suite_sections(results: dict) -> list[str]:
             out.append(f"| {c['a']} − {c['b']} | {c['set']} | {_diff(c)} | "
                        + ", ".join(f"{x:+.3f}" for x in c["per_seed"]) + " |")
         out.append("")
+    from .findings import findings
+    lines = findings(results)
+    if lines:
+        out += ["## Findings: what the diagnostics say", "",
+                "Stated from this run's numbers (differences with 95% intervals, `*` = significant).", "",
+                *lines, ""]
     out += ablation_section(results.get("ablations") or [], sets)
     domains = results["domains"]
     if "short" in sets:
