@@ -12,6 +12,10 @@ from flexkern.flexolmo.model import PRESETS, FlexOlmoLM
 from flexkern.flexolmo.tokenizer import encode_documents, train_tokenizer
 
 CFG = PRESETS["micro"]
+# a whole demo run in seconds: the micro preset, a few steps, tiny sets
+MICRO_DEMO = dict(install=False, log=False, max_bytes=12_000, anchor_steps=2, expert_steps=1, rt_steps=1, seq_len=32,
+                  eval_tokens=128, short_tokens=16, mixed_per_pair=1, bootstrap=20, embed_docs=2, rt_public_docs=2,
+                  embed_method="anchor", batch_size=2, attribution=False, topk_sweep=False)
 
 
 def _docs(n, words):
@@ -114,9 +118,7 @@ def test_micro_demo_is_deterministic(tmp_path):
         if not _installed(mod):
             pytest.skip(f"{mod} not installed")
     from flexkern.flexolmo.demo import run_demo
-    kw = dict(install=False, log=False, max_bytes=12_000, anchor_steps=2, expert_steps=1, rt_steps=1, seq_len=32,
-              eval_tokens=128, short_tokens=16, mixed_per_pair=1, bootstrap=20, embed_docs=2, rt_public_docs=2,
-              embed_method="anchor", batch_size=2, attribution=False, topk_sweep=False)
+    kw = MICRO_DEMO
     other = tmp_path / "other"
     other.mkdir()
     (other / "x").write_text("x")
@@ -161,9 +163,7 @@ def test_micro_demo_every_variant_reports_its_rows(tmp_path):
         if not _installed(mod):
             pytest.skip(f"{mod} not installed")
     from flexkern.flexolmo.demo import VARIANTS, run_demo
-    kw = dict(install=False, log=False, max_bytes=12_000, anchor_steps=2, expert_steps=1, rt_steps=1, seq_len=32,
-              eval_tokens=128, short_tokens=16, mixed_per_pair=1, bootstrap=20, embed_docs=2, rt_public_docs=2,
-              embed_method="anchor", batch_size=2, attribution=True, topk_sweep=False)
+    kw = {**MICRO_DEMO, "attribution": True}
     run = tmp_path / "run"
     r = run_demo(run, "micro", variants=VARIANTS, **kw)
     rows = {label for v in r["variant_rows"].values() for label in v}

@@ -60,3 +60,12 @@ def test_proxy_set_on_real_text():
     ps = select_proxy_set(minilm_embed(code[2:], max_tokens=64), minilm_embed(public, max_tokens=64), public,
                           code[2:], proxy_fraction=0.2)
     assert ps.indices and set(ps.indices) <= {len(wiki), len(wiki) + 1}
+
+
+def test_ranked_selection_ignores_the_owner_side_threshold():
+    """min_score=-inf ranks every document (the paper's top-scoring public documents); the default
+    keeps only those the classifier puts on the owner's side, falling back to the single top one."""
+    scores = torch.tensor([-0.5, -2.0, -0.1, -3.0])
+    sizes = [10, 10, 10, 10]
+    assert select_by_score(scores, sizes, budget=25) == [2]  # none above 0: the top one
+    assert select_by_score(scores, sizes, budget=25, min_score=float("-inf")) == [0, 2]

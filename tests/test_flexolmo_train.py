@@ -163,15 +163,19 @@ class _Killed(Exception):
     pass
 
 
+def _raise_at(n):
+    def cb(step, loss, model):
+        if step == n:
+            raise _Killed
+    return cb
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path):
     args = dict(name="law", checkpoint_every=2, **EXPERT)
     ref = train_expert(world.anchor, LAW, tmp_path / "ref", **args)
 
-    def kill_at_5(step, loss, model):
-        if step == 5:
-            raise _Killed
     with pytest.raises(_Killed):
-        train_expert(world.anchor, LAW, tmp_path / "run", callback=kill_at_5, **args)
+        train_expert(world.anchor, LAW, tmp_path / "run", callback=_raise_at(5), **args)
     assert (tmp_path / "run" / "law.flexpert.ckpt" / "checkpoint.pt").exists()
     assert not (tmp_path / "run" / "law.flexpert").exists()
     steps = []
@@ -292,16 +296,9 @@ def test_extension_resume_matches_uninterrupted_run(world, tmp_path):
     assert not torch.equal(plain["layers.0.router_row"], a["layers.0.router_row"])  # the extension did act
     # a checkpoint of a plain run cannot resume an extension run (its state would be missing)
     with pytest.raises(_Killed):
-        train_expert(world.anchor, LAW, tmp_path / "mixed", callback=_raise_after(5), **args)
+        train_expert(world.anchor, LAW, tmp_path / "mixed", callback=_raise_at(5), **args)
     with pytest.raises(CheckpointError, match="no state for this run's callback"):
         train_expert(world.anchor, LAW, tmp_path / "mixed", callback=ext(), **args)
-
-
-def _raise_after(n):
-    def cb(step, loss, model):
-        if step == n:
-            raise _Killed
-    return cb
 
 
 def test_balanced_extension_pushes_the_row_up_on_own_data(world, tmp_path):

@@ -488,8 +488,8 @@ def _goals(res: dict) -> list[dict]:
     out.append({"goal": f"{h} beats the public model, every owner's model and both soups on all three sets",
                 "met": not failed, "evidence": "not significantly better: " + ("; ".join(ev(b, s) for b, s in failed)
                                                                              if failed else "none")})
-    no_rt = next((b for b in {c["b"] for c in res["comparisons"]} if b.endswith("(no RT)") and ":" not in b), None)
-    if no_rt:
+    no_rt = h.replace("+ RT", "(no RT)")
+    if any(c["b"] == no_rt for c in res["comparisons"]):
         out.append({"goal": "router tuning improves on no tuning", "met": all(better(no_rt, s) for s in sets),
                     "evidence": "; ".join(ev(no_rt, s) for s in sets)})
     for n, r in res["opt_out_detail"].items():
@@ -504,11 +504,17 @@ def _goals(res: dict) -> list[dict]:
                                 f"({r['own']['loss'] / r['own']['public'] - 1:+.1%}); largest move {worst[0]} "
                                 f"{worst[1]['delta']:+.3f} (half-width {worst[1]['base_half_width']:.3f})"})
     t = res.get("timings", {})
-    base_stages = [k for k in t if not any(v in k for v in ("seed", "diag_", "anchor_hidden", "probe", *VARIANTS))]
-    total = sum(t[k] for k in base_stages)
-    out.append({"goal": "the demo finishes within 15 minutes on 2 cores", "met": total <= 900,
-                "evidence": f"{total / 60:.1f} min summed over the base run's stages (the run that "
-                            "did each stage; installing and corpus set-up not included)"})
+    cfg = res.get("config", {})
+    goal = "the demo finishes within 15 minutes on 2 cores"
+    if cfg.get("variants") or cfg.get("seeds", 1) > 1:  # their rows are in the evaluation stage's time
+        out.append({"goal": goal, "met": None, "evidence": "not measured by this run: its variants' and "
+                    "seeds' rows are evaluated in the same stage; the default `flexkern demo` measures it"})
+    else:
+        base = [k for k in t if not any(v in k for v in ("seed", "diag_", "anchor_hidden", "probe", *VARIANTS))]
+        total = sum(t[k] for k in base)
+        out.append({"goal": goal, "met": total <= 900,
+                    "evidence": f"{total / 60:.1f} min summed over the stages (the run that did each stage; "
+                                "installing and corpus set-up not included)"})
     return out
 
 

@@ -75,8 +75,9 @@ def findings(results: dict) -> list[str]:
                    f"reaches {100 * tok['token_macro']:.0f}% macro accuracy from one token's h (best layer "
                    f"{tok['layer']}) and {100 * ctx['context_macro']:.0f}% from the running mean of h over the "
                    f"window (layer {ctx['layer']}), against {100 * probe['chance_macro']:.0f}% by chance "
-                   f"({len(probe['domains'])} domains). A router sees only the first; BTM's context "
-                   "likelihoods see the whole prefix.")
+                   f"({len(probe['domains'])} domains): a linear per-token router works from a domain "
+                   f"signal that is wrong for about {100 * (1 - tok['token_macro']):.0f}% of tokens, while "
+                   "BTM weighs each owner by its model's likelihood of the whole prefix.")
     routing = results.get("routing") or {}
     base = head.replace("+ RT", "(no RT)") if head else None
     if base in routing:

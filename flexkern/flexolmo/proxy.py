@@ -102,12 +102,14 @@ class ProxySet:
 
 
 def select_proxy_set(owner_emb_ND: torch.Tensor, public_emb_ND: torch.Tensor, public_docs: list[str],
-                     owner_docs: list[str], proxy_fraction: float = 0.01, l2: float = 1e-2) -> ProxySet:
+                     owner_docs: list[str], proxy_fraction: float = 0.01, l2: float = 1e-2,
+                     min_score: float = 0.0) -> ProxySet:
     """The owner's proxy set: public documents ranked by an owner-vs-public classifier.
 
     ``owner_emb_ND``: embeddings of (a sample of) the owner's documents, computed on its side.
     ``public_emb_ND``: embeddings of ``public_docs`` (row i = document i).
     ``owner_docs``: the owner's documents, only to size the budget (``proxy_fraction`` of their bytes).
+    ``min_score``: candidates score above it (0: classified as the owner's; -inf: rank them all).
     """
     if public_emb_ND.shape[0] != len(public_docs):
         raise ValueError(f"{len(public_docs)} public documents but {public_emb_ND.shape[0]} embeddings")
@@ -115,5 +117,5 @@ def select_proxy_set(owner_emb_ND: torch.Tensor, public_emb_ND: torch.Tensor, pu
     scores = clf.logits(public_emb_ND)
     acc = float(torch.cat([clf.logits(owner_emb_ND) > 0, scores <= 0]).double().mean())
     sizes = [len(d.encode("utf-8")) for d in public_docs]
-    idx = select_by_score(scores, sizes, proxy_budget(owner_docs, proxy_fraction))
+    idx = select_by_score(scores, sizes, proxy_budget(owner_docs, proxy_fraction), min_score)
     return ProxySet(idx, scores, acc)

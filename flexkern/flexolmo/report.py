@@ -207,7 +207,8 @@ def suite_sections(results: dict) -> list[str]:
     goals = results.get("goals") or []
     if goals:
         out += ["## Goals", "", "| goal | met | evidence |", "|---|---|---|"]
-        out += [f"| {g['goal']} | {'yes' if g['met'] else '**no**'} | {g['evidence']} |" for g in goals] + [""]
+        met = {True: "yes", False: "**no**", None: "not measured"}
+        out += [f"| {g['goal']} | {met[g['met']]} | {g['evidence']} |" for g in goals] + [""]
     comps = results.get("comparisons") or []
     if comps:
         out += ["## Paired differences", "",

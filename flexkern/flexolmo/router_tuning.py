@@ -38,6 +38,9 @@ class RouterTuningConfig:
     public_docs: int = 32          # public documents sampled beside the proxy sets
     owner_embed_docs: int = 32     # owner documents embedded for its classifier
     embed_max_tokens: int = 128    # tokens per document the classifier sees
+    # proxy candidates: public documents the classifier puts on the owner's side (score > 0); None
+    # ranks every public document (the paper's "top-scoring public documents")
+    proxy_min_score: float | None = 0.0
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -71,7 +74,8 @@ def tuning_streams(tokenizer, public: list[str], owners: dict[str, list[str]], c
             raise ValueError(f"owner {name!r} has no documents")
         own_emb = _classifier_embeddings(sample_documents(docs, cfg.owner_embed_docs, cfg.seed), cfg,
                                          embedder, tokenizer)
-        ps = select_proxy_set(own_emb, public_emb, public, docs, cfg.proxy_fraction)
+        ps = select_proxy_set(own_emb, public_emb, public, docs, cfg.proxy_fraction,
+                              min_score=float("-inf") if cfg.proxy_min_score is None else cfg.proxy_min_score)
         chosen = [public[i] for i in ps.indices]
         streams[name] = encode_documents(tokenizer, chosen)
         info[name] = {"proxy_docs": len(chosen), "proxy_bytes": sum(len(d.encode()) for d in chosen),
