@@ -73,6 +73,10 @@ def test_intervals_contain_the_point_and_bootstrap_is_seeded(setup):
     assert diff["significant"] and diff["low"] > 0
     two = seeds_paired([worse, worse], [sc, sc], Bootstrap(sc, 200), "heldout")
     assert two["significant"] and len(two["per_seed"]) == 2
+    # a consistent but negligible shift (1e-5 nats/token) excludes 0 yet is not an effect
+    tiny = {k: {g: (x + 1e-5 * c, c) for g, (x, c) in v.items()} for k, v in sc.items()}
+    shift = Bootstrap(sc, 200).paired(tiny, sc, "heldout")
+    assert shift["low"] > 0 and not shift["significant"]
 
 
 def _flat(summary):
