@@ -426,17 +426,20 @@ def _ablations(ev: _Evaluator, headline: str, variant_rows: dict) -> list[dict]:
             if label not in ev.scores:
                 continue
             ref = base if label.endswith("(no RT)") and base in ev.scores else headline
-            out.append({"row": label, "variant": variant, "reference": ref,
-                        "sets": {s: ev.boot.paired(ev.scores[label], ev.scores[ref], s) for s in ev.sets}})
+            out.append({"row": label, "variant": variant, "reference": ref, "sets": _paired_sets(ev, label, ref)})
     return out
+
+
+def _paired_sets(ev: _Evaluator, a: str, b: str) -> dict:
+    """{set: paired(a - b)} over every evaluation set."""
+    return {s: ev.boot.paired(ev.scores[a], ev.scores[b], s) for s in ev.sets}
 
 
 def _versus(ev: _Evaluator, reference: str, rows: list[str]) -> dict:
     """{row: {set: paired(row - reference)}} for the rows that were scored (the findings use them)."""
     if reference not in ev.scores:
         return {}
-    return {r: {s: ev.boot.paired(ev.scores[r], ev.scores[reference], s) for s in ev.sets}
-            for r in rows if r in ev.scores}
+    return {r: _paired_sets(ev, r, reference) for r in rows if r in ev.scores}
 
 
 def _opt_out_rows(ev: _Evaluator, opt: dict, headline: str) -> dict:
@@ -625,12 +628,12 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
 def _variant_models(out: Path, cfg: DemoConfig) -> dict:
     """The variants' merged models (no RT) and the closed-data RT diagnostic, for the routing table."""
     from .merge import load_model
-    from .variants import LABELS
+    from .variants import LABELS, closed_rt_label, variant_label
     h = cfg.headline_top_k
-    dirs = {f"{LABELS[v]}: top-{h} (no RT)": out / f"merged_{v}" for v in cfg.variants
+    dirs = {variant_label(v, h, False): out / f"merged_{v}" for v in cfg.variants
             if v in LABELS and v != "bias-dropped"}
     if "rt-ceiling" in cfg.variants:
-        dirs[f"diagnostic: RT on the owners' closed data (not private), top-{h}"] = out / "diag_rt_closed"
+        dirs[closed_rt_label(h)] = out / "diag_rt_closed"
     return {label: load_model(d, cfg.device)[0] for label, d in dirs.items() if (d / "experts.json").exists()}
 
 

@@ -169,7 +169,7 @@ def _load_checkpoint(path: Path, model, opt, meta: dict, callback=None) -> int:
         for n, p in params.items():
             p.copy_(state["trainable"][n])
     opt.load_state_dict(state["optimizer"])
-    if _callback_state(callback) is not None:
+    if hasattr(callback, "load_state_dict"):
         if "callback" not in state:
             raise CheckpointError(f"checkpoint {path} holds no state for this run's callback")
         callback.load_state_dict(state["callback"])

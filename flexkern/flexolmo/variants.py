@@ -23,8 +23,8 @@
     rt-ceiling    diagnostics, not the method: the base merged model router-tuned on the owners'
                   *closed* data (which the method never may see; how good can a tuned router get?)
                   and for 10x the steps, on the proxy sets, on 10x larger proxy sets and on the
-                  closed data; plus the best
-                  single model per document chosen in hindsight (how good are the experts?).
+                  closed data; plus the best single model per document chosen in hindsight (how
+                  good are the experts?).
     routing       evaluation only: the base models with renormalised top-k and with every expert, and
                   a linear probe of the router's input (can one token's h tell its domain? probe.py).
     seeds         the owners trained again with seeds 1..N-1 (merged and router-tuned each), for the
@@ -221,6 +221,16 @@ LABELS = {"extension": "extension (public-router loss)", "no-bias": "no router b
 ORACLE = "oracle: best single model per document (hindsight)"
 
 
+def variant_label(variant: str, top_k: int, tuned: bool) -> str:
+    """The report row of an owner-training variant's merged model, without or with RT."""
+    return f"{LABELS[variant]}: top-{top_k} " + ("+ RT" if tuned else "(no RT)")
+
+
+def closed_rt_label(top_k: int) -> str:
+    """The rt-ceiling row of router tuning on the owners' closed data (default steps)."""
+    return f"diagnostic: RT on the owners' closed data (not private), top-{top_k}"
+
+
 def variant_stage(variant: str, st: dict):
     """Train/merge/tune what ``variant`` needs now; returns (evaluate(ev), {row label: variant})."""
     out, cfg, log, timer = st["out"], st["cfg"], st["log"], st["timer"]
@@ -260,7 +270,6 @@ def variant_stage(variant: str, st: dict):
         return _rt_ceiling_stage(st)
     if variant == "routing":
         return _routing_stage(st)
-    label = LABELS[variant]
     anchor_dir = st["anchor_dir"]
     if variant == "anchor-init":
         with timer("anchor_hidden (anchor-init)"):
@@ -274,22 +283,22 @@ def variant_stage(variant: str, st: dict):
     md = st["merged"](out, anchor_dir, pk, cfg, timer, log, name=f"merged_{variant}",
                       drop_bias=variant == "bias-dropped")
     rt = st["router_tuned"](out, md, st["streams"], cfg, timer, log)
-    rows = {f"{label}: top-{h} (no RT)": variant, f"{label}: top-{h} + RT": variant}
+    rows = {variant_label(variant, h, False): variant, variant_label(variant, h, True): variant}
 
     def evaluate_variant(ev):
         from .merge import load_model
         merged, _ = load_model(md, cfg.device)
-        ev.add(f"{label}: top-{h} (no RT)", merged)
+        ev.add(variant_label(variant, h, False), merged)
         tuned, _ = load_model(rt, cfg.device)
-        ev.add(f"{label}: top-{h} + RT", tuned)
+        ev.add(variant_label(variant, h, True), tuned)
     return evaluate_variant, rows
 
 
 def _rt_ceiling_stage(st: dict):
-    """rt-ceiling (module docstring): three more router tunings of the base merged model."""
+    """rt-ceiling (module docstring): four more router tunings of the base merged model."""
     import dataclasses
 
-    from .tokenizer import encode_documents, load_tokenizer
+    from .tokenizer import load_tokenizer
 
     out, cfg, log, timer = st["out"], st["cfg"], st["log"], st["timer"]
     h = cfg.headline_top_k
@@ -301,7 +310,7 @@ def _rt_ceiling_stage(st: dict):
     base = out / "merged"
     wide = _wide_proxy_streams(out, tok, st["corpora"], cfg, timer)
     tuned = {
-        f"diagnostic: RT on the owners' closed data (not private), top-{h}":
+        closed_rt_label(h):
             st["router_tuned"](out, base, closed, cfg, timer, log, name="diag_rt_closed"),
         f"diagnostic: RT for {long_cfg.rt_steps} steps on the proxy sets, top-{h}":
             st["router_tuned"](out, base, st["streams"], long_cfg, timer, log, name="diag_rt_long"),
@@ -344,43 +353,38 @@ def _wide_proxy_streams(out, tok, corpora, cfg, timer) -> dict:
     return streams
 
 
-def routing_rows(merged, tuned, top_k: int, score) -> dict:
-    """Evaluation-only routing ablations: {label: score(model)} for the merged model without and
+def routing_labels(top_k: int, num_experts: int) -> list[str]:
+    """The routing rows, in the order ``routing_rows`` scores them."""
+    return [f"FlexOlmo top-{k} {how} {tag}" for tag in ("(no RT)", "+ RT")
+            for k, how in ((top_k, "renormalised"), (num_experts, "(all experts)"))]
+
+
+def routing_rows(merged, tuned, top_k: int, add) -> None:
+    """Evaluation-only routing ablations: ``add(label, model)`` for the merged model without and
     with RT at renormalised top-k and with every expert active (the models are restored after)."""
-    rows = {}
-    for model, tag in ((merged, "(no RT)"), (tuned, "+ RT")):
-        E = model.moe_layers()[0].num_experts
+    labels = iter(routing_labels(top_k, merged.moe_layers()[0].num_experts))
+    for model in (merged, tuned):
         model.set_top_k(top_k)
         for m in model.moe_layers():
             m.renormalize = True
-        rows[f"FlexOlmo top-{top_k} renormalised {tag}"] = score(model)
+        add(next(labels), model)
         for m in model.moe_layers():
             m.renormalize = False
-        model.set_top_k(E)
-        rows[f"FlexOlmo top-{E} (all experts) {tag}"] = score(model)
+        model.set_top_k(model.moe_layers()[0].num_experts)
+        add(next(labels), model)
         model.set_top_k(top_k)
-    return rows
-
-
-def _score(ev, model):
-    from .eval_suite import score_model
-    with ev.timer("evaluation"):
-        return score_model(model, ev.sets, ev.cfg.batch_size)
 
 
 def _routing_stage(st: dict):
     out, cfg = st["out"], st["cfg"]
-    E = len(st["corpora"].owners) + 1
     h = cfg.headline_top_k
-    labels = [f"FlexOlmo top-{h} renormalised (no RT)", f"FlexOlmo top-{E} (all experts) (no RT)",
-              f"FlexOlmo top-{h} renormalised + RT", f"FlexOlmo top-{E} (all experts) + RT"]
+    labels = routing_labels(h, len(st["corpora"].owners) + 1)
 
     def evaluate(ev):
         from .merge import load_model
         merged, _ = load_model(out / "merged", cfg.device)
         tuned, _ = load_model(out / "merged_rt", cfg.device)
-        for label, sc in routing_rows(merged, tuned, h, lambda m: _score(ev, m)).items():
-            ev.add(label, scores=sc)
+        routing_rows(merged, tuned, h, ev.add)
         from .probe import domain_probe
         from .tokenizer import load_tokenizer
         docs = {d: v for d, v in st["corpora"].heldout.items() if len(v) >= 2}  # the split is by document
@@ -423,7 +427,7 @@ def routing_ablations(run_dir, device: str = "cpu") -> dict:
     tuned.set_top_k(h)
     scores = {f"FlexOlmo top-{h} + RT": score_model(tuned, sets, settings.batch_size),
               f"FlexOlmo top-{h} (no RT)": score_model(merged, sets, settings.batch_size)}
-    scores.update(routing_rows(merged, tuned, h, lambda m: score_model(m, sets, settings.batch_size)))
+    routing_rows(merged, tuned, h, lambda label, m: scores.update({label: score_model(m, sets, settings.batch_size)}))
     head = f"FlexOlmo top-{h} + RT"
     boot = Bootstrap(scores[head], settings.bootstrap, settings.bootstrap_seed)
     return {"rows": {k: boot.summarize(v) for k, v in scores.items()},
