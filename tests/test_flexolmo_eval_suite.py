@@ -197,3 +197,12 @@ def test_micro_demo_every_variant_reports_its_rows(tmp_path):
     else:
         assert len(probe["domains"]) >= 2 and len(probe["layers"]) == 2
         assert all(0.0 <= x[k] <= 1.0 for x in probe["layers"] for k in ("token_acc", "context_acc"))
+    # --force's clean-up removes everything the variants wrote (anchor_hidden/, diag_*, caches) and
+    # nothing of the user's
+    from flexkern.flexolmo.checkpoint import ARTIFACT_FILE
+    from flexkern.flexolmo.demo import _clear_run
+    assert (run / "diag_wide_proxy.pt").exists() and (run / "anchor_hidden").is_dir()
+    (run / "notes.txt").write_text("mine")
+    _clear_run(run, log=False)
+    assert sorted(p.name for p in run.iterdir()) == sorted([ARTIFACT_FILE, "notes.txt"])
+    assert (run / "notes.txt").read_text() == "mine"

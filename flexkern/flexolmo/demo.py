@@ -32,7 +32,7 @@ VARIANTS = ("extension", "extension-balanced", "no-bias", "random-init", "bias-d
             "anchor-init", "rt-ceiling", "routing")
 DEMO_KIND = "demo-run"
 _DEMO_FILES = ("demo_config.json", "timings.json", "results.json", "report.md", "losses.png", "opt_out.png",
-               "rt_streams.pt", "rt_info.json", "suite.png")
+               "rt_streams.pt", "rt_info.json", "suite.png", "diag_wide_proxy.pt")
 
 
 @dataclass
