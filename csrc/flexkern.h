@@ -18,19 +18,43 @@ constexpr int kRouteMaxExperts = 256;
 constexpr int kRouteMaxTopK = 16;
 constexpr int kDispatchMaxExperts = 1024;
 
-// Fused gate: softmax over the (active) experts, top-k of the probabilities, optional
-// renormalisation, per-expert pick counts and the per-token log-sum-exp, in one launch.
+enum class Scoring : int { kSoftmax = 0, kSigmoid = 1 };
+constexpr int kRouteMaxGroups = 32;
+
+// The gate's settings (the rules are flexkern/ops/route.py's module docstring).
+//   scoring        softmax over the (active) experts, or a sigmoid per expert
+//   reroute        with a mask: masked experts score 0 and are chosen only after every active one;
+//                  otherwise the mask is ignored here (dispatch drops those slots later)
+//   renormalize    the K weights are divided by their sum
+//   score_bias_E   (E,) float32 or null: added to the scores for the choice only, not the weights
+//   n_group > 1    group-limited choice: n_group equal groups of consecutive experts, each scored
+//                  by the sum of its two best choices; only the topk_group best groups are eligible
+//   routed_scaling the weights are multiplied by it last
+struct RouteGate {
+  Scoring scoring = Scoring::kSoftmax;
+  bool reroute = true;
+  bool renormalize = false;
+  const float* score_bias_E = nullptr;
+  int n_group = 1;
+  int topk_group = 1;
+  float routed_scaling = 1.f;
+};
+
+// Fused gate: scores, choice, top-k, renormalisation and scaling, per-expert pick counts and the
+// per-token log-sum-exp, in one launch.
 //   logits_TE  (T, E) in `dtype`, row-major         bias_E  (E,) float32 or null (added to logits)
-//   mask_E     (E,) bool bytes or null; with `reroute` a masked expert's logit is -inf before the
-//              softmax, otherwise the mask is ignored here (dispatch drops those slots later)
-//   weights_TK (T, K) float32    experts_TK (T, K) int32, descending probability, ties to the lower id
+//   mask_E     (E,) bool bytes or null (see RouteGate::reroute)
+//   weights_TK (T, K) float32    experts_TK (T, K) int32, descending choice, ties to the lower id;
+//              a slot whose expert is not eligible (masked, or outside the chosen groups) weighs 0
 //   lse_T      (T,) float32 or null: logsumexp of logits + bias, mask not applied (router z-loss)
 //   counts_E   (E,) int32 or null: incremented by how many slots picked each expert (zero it first)
-// Requires 1 <= E <= kRouteMaxExperts and 1 <= K <= min(E, kRouteMaxTopK).
+// Requires 1 <= E <= kRouteMaxExperts, 1 <= K <= min(E, kRouteMaxTopK), and with n_group > 1:
+// n_group <= kRouteMaxGroups dividing E into groups of >= 2, topk_group <= n_group and
+// K <= topk_group * E / n_group.
 cudaError_t route_topk(const void* logits_TE, FloatType dtype, const float* bias_E,
-                       const uint8_t* mask_E, int64_t T, int E, int K, bool reroute,
-                       bool renormalize, float* weights_TK, int32_t* experts_TK, float* lse_T,
-                       int32_t* counts_E, cudaStream_t stream);
+                       const uint8_t* mask_E, int64_t T, int E, int K, const RouteGate& gate,
+                       float* weights_TK, int32_t* experts_TK, float* lse_T, int32_t* counts_E,
+                       cudaStream_t stream);
 
 // Bytes of scratch device memory `dispatch` needs for these sizes (0 for small inputs).
 size_t dispatch_workspace_bytes(int64_t T, int K, int E);

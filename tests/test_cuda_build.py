@@ -36,6 +36,7 @@ def test_extension_exports_the_kernels(C):
         assert callable(getattr(C, name)), name
     assert not hasattr(C, "tile_schedule")  # removed: the grouped GEMMs schedule their own tiles
     assert (C.ROUTE_MAX_EXPERTS, C.ROUTE_MAX_TOP_K, C.DISPATCH_MAX_EXPERTS) == (256, 16, 1024)
+    assert C.ROUTE_MAX_GROUPS == 32
     assert sorted((C.FLOAT32, C.FLOAT16, C.BFLOAT16)) == [0, 1, 2]
 
 
@@ -74,7 +75,13 @@ def test_bad_arguments_raise_before_any_launch(C):
     route_args = dict(logits_TE=0, dtype=0, bias_E=0, mask_E=0, T=4, E=8, K=2, reroute=True,
                       renormalize=False, weights_TK=0, experts_TK=0, lse_T=0, counts_E=0, stream=0)
     for bad, match in [(dict(E=257), "E <= 256"), (dict(K=17, E=32), "K <="), (dict(K=9), "K <="),
-                       (dict(dtype=3), "dtype"), (dict(), "non-null")]:
+                       (dict(dtype=3), "dtype"), (dict(), "non-null"), (dict(scoring=2), "scoring"),
+                       (dict(routed_scaling=0.0), "routed_scaling"),
+                       (dict(routed_scaling=float("inf")), "routed_scaling"),
+                       (dict(topk_group=2), "topk_group"), (dict(n_group=3), "n_group"),
+                       (dict(n_group=8), "n_group"), (dict(n_group=64, E=128), "n_group"),
+                       (dict(n_group=4, topk_group=5), "topk_group"),
+                       (dict(n_group=4, topk_group=1, K=3), "topk_group")]:
         with pytest.raises(ValueError, match=match):
             C.route_topk(**{**route_args, **bad})
     disp_args = dict(experts_TK=0, ids_int64=False, mask_E=0, T=4, K=2, E=8, workspace=0,

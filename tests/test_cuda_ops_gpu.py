@@ -8,6 +8,7 @@ import torch
 
 import flexkern
 from flexkern.ops import dispatch_ref, route_ref
+from flexkern.ops.route import choice_scores, gate_ref, gate_scores
 
 pytestmark = pytest.mark.gpu
 POISON = -7
@@ -37,7 +38,7 @@ def ptr(t):
 
 # ----------------------------------------------------------------------------------------- route
 
-def route_kernel(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bias_E=None):
+def route_kernel(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bias_E=None, **gate):
     """Direct launch into poisoned outputs: (weights_TK, experts_TK, lse_T, counts_E)."""
     C = _C()
     T, E = logits_TE.shape
@@ -47,26 +48,39 @@ def route_kernel(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bia
     e = torch.full((T, k), POISON, dtype=torch.int32, device=dev)
     lse = torch.full((T,), float("nan"), device=dev)
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    scoring = {"softmax": 0, "sigmoid": 1}[gate.get("scoring", "softmax")]
     C.route_topk(ptr(logits_TE), dt[logits_TE.dtype], ptr(bias_E), ptr(mask_E), T, E, k, reroute,
-                 renormalize, ptr(w), ptr(e), ptr(lse), ptr(counts), stream())
+                 renormalize, ptr(w), ptr(e), ptr(lse), ptr(counts), stream(), scoring,
+                 ptr(gate.get("score_bias_E")), gate.get("n_group", 1), gate.get("topk_group", 1),
+                 gate.get("routed_scaling", 1.0))
     return w, e, lse, counts
 
 
-def gate_ref(logits_TE, k, mask_E, reroute, renormalize):
-    """route_ref's gate (module docstring of flexkern/ops/route.py) on given float32 logits."""
-    if reroute and mask_E is not None:
-        logits_TE = logits_TE.masked_fill(~mask_E, float("-inf"))
-    probs, order = torch.sort(torch.softmax(logits_TE, -1), dim=-1, descending=True, stable=True)
-    w, e = probs[:, :k], order[:, :k].int()
-    if renormalize:
-        w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
-    return w, e
+def _float64_gate(logits_TE, mask_E, reroute, gate):
+    """(scores, choices) in float64: the truth the float32 kernel and reference approximate."""
+    g = dict(gate)
+    l64 = logits_TE.double()
+    s64 = gate_scores(l64, mask_E, reroute, g.get("scoring", "softmax"))
+    bias = g.get("score_bias_E")
+    c64 = choice_scores(s64, mask_E, reroute, None if bias is None else bias.double(),
+                        g.get("n_group", 1), g.get("topk_group", 1))
+    return s64, c64
 
 
-def check_gate(logits_TE, k, mask_E, reroute, renormalize, w, e, exact_ids=False):
-    """Kernel (w, e) against route_ref on the same float32 logits, errors measured in float64."""
+def _separated(v_TX, tol):
+    """Rows whose sorted finite values are all more than tol apart (no near-ties)."""
+    v = torch.where(torch.isfinite(v_TX), v_TX, torch.nan)
+    gaps = v.sort(-1).values.diff(dim=-1)
+    return (gaps.isnan() | (gaps > tol)).all(-1)
+
+
+def check_gate(logits_TE, k, mask_E, reroute, renormalize, w, e, exact_ids=False, **gate):
+    """Kernel (w, e) against flexkern's gate_ref on the same float32 logits, errors measured in
+    float64. Without groups the picks are compared through the float64 choices they select; with
+    groups ids must match exactly on every row without near-ties of group scores or choices."""
     T, E = logits_TE.shape
-    w_ref, e_ref = gate_ref(logits_TE.float(), k, mask_E, reroute, renormalize)
+    w_ref, e_ref = gate_ref(logits_TE.float(), k, mask_E, reroute, renormalize, **gate)
+    e_ref = e_ref.int()
     assert w.shape == (T, k) and e.shape == (T, k) and e.dtype == torch.int32
     assert bool(((e >= 0) & (e < E)).all()), "expert id out of range"
     if exact_ids:
@@ -74,29 +88,44 @@ def check_gate(logits_TE, k, mask_E, reroute, renormalize, w, e, exact_ids=False
     if T == 0:
         return
     assert bool((e.long().sort(-1).values.diff(dim=-1) != 0).all()), "an expert picked twice"
-    l64 = logits_TE.double()
-    if reroute and mask_E is not None:
-        l64 = l64.masked_fill(~mask_E, float("-inf"))
-    p64 = torch.softmax(l64, -1)
-    nan_T = p64.isnan().any(-1)
-    # rows with a NaN/inf logit (or nothing active): torch's NaN probabilities pick 0..K-1 in order
+    s64, c64 = _float64_gate(logits_TE, mask_E, reroute, gate)
+    nan_T = s64.isnan().any(-1) | c64.isnan().any(-1)
+    # rows with a NaN/inf logit: NaN choices rank first, in id order, as torch.sort puts them
     assert torch.equal(e[nan_T], e_ref[nan_T])
-    assert bool(w[nan_T].isnan().all()) and bool(w_ref[nan_T].isnan().all())
+    assert torch.equal(w[nan_T].isnan(), w_ref[nan_T].isnan())
     ok = ~nan_T
+    scale = gate.get("routed_scaling", 1.0)
 
     def truth(ids):
-        s = p64.gather(1, ids.long())
-        return s / s.sum(-1, keepdim=True).clamp_min(1e-20) if renormalize else s
+        sel = torch.where(c64.gather(1, ids.long()) == float("-inf"), 0, s64.gather(1, ids.long()))
+        if renormalize:
+            sel = sel / sel.sum(-1, keepdim=True).clamp_min(1e-20)
+        return sel * scale
 
+    n_group = gate.get("n_group", 1)
+    if n_group > 1:
+        per = E // n_group
+        tol = 1e-6  # float32 rounding of scores and group sums is < 3e-7 here
+        pre = s64 if gate.get("score_bias_E") is None else s64 + gate["score_bias_E"].double()
+        if reroute and mask_E is not None:
+            pre = pre.masked_fill(~mask_E, float("-inf"))
+        top2 = pre.view(T, n_group, per).topk(2, -1).values
+        groups64 = torch.where(top2[..., 1] == float("-inf"), top2[..., 0], top2.sum(-1))
+        ok = ok & _separated(groups64, tol) & _separated(pre, tol)
+        assert int(ok.sum()) >= T // 2, "too few rows without near-ties to test"
+        assert torch.equal(e[ok], e_ref[ok])
     if not bool(ok.any()):
         return
     err_torch = float((w_ref[ok].double() - truth(e_ref)[ok]).abs().max())
-    tol = 2 * err_torch + 1e-6
+    tol = 2 * err_torch + 1e-6 * max(1.0, scale)
     err = float((w[ok].double() - truth(e)[ok]).abs().max())
     assert err <= tol, f"weights off by {err:.3g} (torch float32: {err_torch:.3g})"
-    # the kernel's picks are the top-k, in order, up to float32 rounding of near-ties
-    gap = float((p64.gather(1, e.long())[ok] - p64.gather(1, e_ref.long())[ok]).abs().max())
-    assert gap <= tol, f"picked probabilities differ from the reference's by {gap:.3g}"
+    if n_group == 1:  # the kernel's picks are the top-k, in order, up to rounding of near-ties
+        picked, picked_ref = c64.gather(1, e.long())[ok], c64.gather(1, e_ref.long())[ok]
+        finite = torch.isfinite(picked_ref)
+        assert torch.equal(torch.isfinite(picked), finite)
+        gap = float((picked[finite] - picked_ref[finite]).abs().max()) if bool(finite.any()) else 0.0
+        assert gap <= 2 * err_torch + 1e-6, f"picked choices differ from the reference's by {gap:.3g}"
 
 
 ROUTE_SIZES = [(1, 1, 1), (0, 8, 2), (1, 8, 8), (5, 3, 2), (257, 64, 8), (300, 33, 5),
@@ -118,6 +147,53 @@ def test_route_op_matches_reference(cu, T, E, K, mask_mode, renormalize):
     check_gate(logits_ref, K, mask, mask_mode == "reroute", renormalize, w, e)
     if mask_mode == "reroute" and T:
         assert bool(mask[e.long()].all())
+
+
+GATINGS = [
+    dict(scoring="sigmoid"),
+    dict(scoring="sigmoid", renormalize=True, routed_scaling=2.5),
+    dict(scoring="softmax", bias=True),
+    dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True, routed_scaling=2.5),
+    dict(scoring="softmax", n_group=4, topk_group=2),
+    dict(scoring="sigmoid", n_group=32, topk_group=3),
+]
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 64, 8), (0, 64, 8), (1000, 64, 8), (777, 256, 8), (300, 128, 6)])
+@pytest.mark.parametrize("setting", range(len(GATINGS)))
+@pytest.mark.parametrize("mask_mode", ["reroute", "drop"])
+def test_route_gating_matches_reference(cu, T, E, K, setting, mask_mode):
+    """Sigmoid scoring, selection-only score bias, group-limited top-k (DeepSeek-V3: E=256,
+    8 groups, 4 chosen, K=8) and routed scaling, with and without a mask."""
+    g = dict(GATINGS[setting])
+    renormalize = g.pop("renormalize", False)
+    if g.pop("bias", False) or g.get("n_group", 1) > 1:
+        g["score_bias_E"] = torch.randn(E, device="cuda") * 0.05
+    if E % g.get("n_group", 1) or K > g.get("topk_group", 1) * E // g.get("n_group", 1):
+        pytest.skip("group setting does not fit this size")
+    x = torch.randn(T, 48, device="cuda")
+    r = torch.randn(E, 48, device="cuda") / 7
+    mask = torch.rand(E, device="cuda") > 0.2
+    w, e, logits = flexkern.route(x, r, K, None, mask, mask_mode, renormalize, backend="cuda", **g)
+    _, _, logits_ref = route_ref(x, r, K, None, mask, mask_mode == "reroute", renormalize, **g)
+    assert torch.equal(logits, logits_ref)
+    check_gate(logits_ref, K, mask, mask_mode == "reroute", renormalize, w, e, **g)
+    if mask_mode == "reroute" and T:
+        live = w != 0
+        assert bool(mask[e.long()][live].all()), "a masked expert got weight"
+
+
+def test_route_gating_kernel_direct_and_counts(cu):
+    T, E, K = 4097, 256, 8
+    logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+    g = dict(scoring="sigmoid", score_bias_E=torch.randn(E, device="cuda") * 0.05, n_group=8,
+             topk_group=4, routed_scaling=2.5)
+    w, e, lse, counts = route_kernel(logits, K, None, True, True, **g)
+    check_gate(logits.float(), K, None, True, True, w, e, **g)
+    assert torch.equal(counts, torch.bincount(e.long().flatten(), minlength=E).int())
+    groups = (e.long() // (E // 8))  # every pick inside at most topk_group groups
+    n_groups = torch.zeros(T, 8, device="cuda").scatter_(1, groups, 1).sum(-1)
+    assert bool((n_groups <= 4).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

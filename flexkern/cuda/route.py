@@ -1,5 +1,6 @@
-"""route on CUDA: logits by cuBLAS (torch), then one fused kernel for softmax, mask, top-k and
-renormalisation (csrc/route.cu). Same signature and results as ``flexkern.ops.route.route_ref``."""
+"""route on CUDA: logits by cuBLAS (torch), then one fused kernel for the scores (softmax or
+sigmoid), mask, score bias, group limit, top-k, renormalisation and scaling (csrc/route.cu).
+Same signature and results as ``flexkern.ops.route.route_ref``."""
 from __future__ import annotations
 
 import torch
@@ -10,9 +11,11 @@ from flexkern.ops.route import router_logits_ref
 from ._launch import device_and_stream, ptr
 
 _KERNEL_DTYPES = {torch.float32: _C.FLOAT32, torch.float16: _C.FLOAT16, torch.bfloat16: _C.BFLOAT16}
+_SCORINGS = {"softmax": 0, "sigmoid": 1}
 
 
-def supports_route(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False):
+def supports_route(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False, *,
+                   scoring="softmax", score_bias_E=None, n_group=1, topk_group=1, routed_scaling=1.0):
     """None when the fused kernel covers these inputs, else why not (registered with the seam)."""
     if x_TD.dtype == torch.float64:
         return "float64 routing runs on the reference"
@@ -20,22 +23,27 @@ def supports_route(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, r
         return f"{router_ED.shape[0]} experts > {_C.ROUTE_MAX_EXPERTS}"
     if k > _C.ROUTE_MAX_TOP_K:
         return f"top_k {k} > {_C.ROUTE_MAX_TOP_K}"
+    if n_group > _C.ROUTE_MAX_GROUPS:
+        return f"n_group {n_group} > {_C.ROUTE_MAX_GROUPS}"
     return None
 
 
 def route_topk(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bias_E=None,
-               lse_T=None, counts_E=None):
+               lse_T=None, counts_E=None, *, scoring="softmax", score_bias_E=None, n_group=1,
+               topk_group=1, routed_scaling=1.0):
     """Gate of precomputed logits: returns (weights_TK float32, experts_TK int32).
 
-    logits_TE: (T, E) float32/float16/bfloat16 CUDA; bias_E: (E,) float32 added first;
-    mask_E: (E,) bool; lse_T: optional (T,) float32 output, logsumexp of logits + bias (mask not
-    applied); counts_E: optional (E,) int32 output, incremented by the picks of each expert.
+    logits_TE: (T, E) float32/float16/bfloat16 CUDA; bias_E: (E,) added first; mask_E: (E,)
+    bool; score_bias_E: (E,) added to the scores for the choice only; lse_T: optional (T,) float32
+    output, logsumexp of logits + bias (mask not applied); counts_E: optional (E,) int32 output,
+    incremented by the picks of each expert. The other settings as in ``flexkern.route``.
     """
     if logits_TE.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"route_topk takes float32/float16/bfloat16 logits, got {logits_TE.dtype}")
     T, E = logits_TE.shape
     logits_TE = logits_TE.contiguous()
     bias_E = None if bias_E is None else bias_E.to(torch.float32).contiguous()
+    score_bias_E = None if score_bias_E is None else score_bias_E.to(torch.float32).contiguous()
     dev = logits_TE.device
     weights_TK = torch.empty(T, k, dtype=torch.float32, device=dev)
     experts_TK = torch.empty(T, k, dtype=torch.int32, device=dev)
@@ -44,7 +52,8 @@ def route_topk(logits_TE, k, mask_E=None, reroute=True, renormalize=False, bias_
     with guard:
         _C.route_topk(ptr(logits_TE), _KERNEL_DTYPES[logits_TE.dtype], ptr(bias_E), ptr(mask_E),
                       T, E, k, reroute, renormalize, ptr(weights_TK), ptr(experts_TK), ptr(lse_T),
-                      ptr(counts_E), stream)
+                      ptr(counts_E), stream, _SCORINGS[scoring], ptr(score_bias_E), n_group,
+                      topk_group, float(routed_scaling))
     return weights_TK, experts_TK
 
 
@@ -61,9 +70,9 @@ def router_logits(x_TD, router_ED, bias_E=None):
     return router_logits_ref(x_TD, router_ED, bias_E)
 
 
-def route_cuda(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False):
+def route_cuda(x_TD, router_ED, k, bias_E=None, mask_E=None, reroute=True, renormalize=False, **gate):
     """Drop-in for ``route_ref`` on the inputs ``supports_route`` accepts: returns
     (weights_TK, experts_TK int32, logits_TE)."""
     logits_TE = router_logits(x_TD, router_ED, bias_E)
-    weights_TK, experts_TK = route_topk(logits_TE, k, mask_E, reroute, renormalize)
+    weights_TK, experts_TK = route_topk(logits_TE, k, mask_E, reroute, renormalize, **gate)
     return weights_TK, experts_TK, logits_TE
