@@ -3,7 +3,7 @@ today's MoE models).
 
 Shapes: T tokens, D d_model, E experts, K top-k, G groups.
 
-    logits_TE  = x_TD @ router_ED^T + bias_E                 (float32; float64 for float64 input)
+    logits_TE  = x_TD @ router_ED^T + bias_E                 (float32; float64 when x and router are)
     scores_TE  = softmax(logits_TE)      scoring="softmax"   (FlexOlmo, Mixtral, OLMoE, Qwen)
                = sigmoid(logits_TE)      scoring="sigmoid"   (DeepSeek-V3)
     choice_TE  = scores_TE + score_bias_E                    (selection only: aux-loss-free balancing)
@@ -48,8 +48,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def routing_dtype(x_dtype: torch.dtype, router_dtype: torch.dtype) -> torch.dtype:
+    """float64 when x and the router both are (gradcheck), else float32: a float32 router beside
+    float64 activations routes in float32, as DeepSeek-V3's float32 router does."""
+    return torch.float64 if x_dtype == router_dtype == torch.float64 else torch.float32
+
+
 def router_logits_ref(x_TD, router_ED, bias_E=None):
-    cd = compute_dtype(x_TD.dtype)
+    cd = routing_dtype(x_TD.dtype, router_ED.dtype)
     logits_TE = x_TD.to(cd) @ router_ED.to(cd).t()
     if bias_E is not None:
         logits_TE = logits_TE + bias_E.to(cd)
@@ -158,7 +164,7 @@ def _route_op(
 def _(x_TD, router_ED, k, bias_E, mask_E, reroute, renormalize, backend, scoring="softmax",
       score_bias_E=None, n_group=1, topk_group=1, routed_scaling=1.0):
     T, E = x_TD.shape[0], router_ED.shape[0]
-    cd = compute_dtype(x_TD.dtype)
+    cd = routing_dtype(x_TD.dtype, router_ED.dtype)
     return (
         x_TD.new_empty((T, k), dtype=cd),
         x_TD.new_empty((T, k), dtype=torch.int32),
@@ -282,7 +288,7 @@ def route(
 ):
     """Top-k routing with an optional expert mask, logit bias and selection-only score bias.
 
-    Returns ``weights_TK`` (float32, float64 for float64 input), ``experts_TK`` (int32) and
+    Returns ``weights_TK`` (float32; float64 when x and router are), ``experts_TK`` (int32) and
     ``logits_TE`` (float32/float64, bias added, mask not applied). Differentiable in x, router and
     bias (``score_bias_E`` only selects and gets no gradient). ``scoring``, ``n_group``,
     ``topk_group``, ``routed_scaling`` and the mask rules: see the module docstring.
