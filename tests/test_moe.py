@@ -5,6 +5,7 @@ import torch.utils._python_dispatch
 from hypothesis import given, settings, strategies as st
 
 import flexkern
+from flexkern.nn.balance import z_loss
 from oracle import moe_per_token
 
 
@@ -110,7 +111,7 @@ def _former_forward(moe, x):
     disp = flexkern.dispatch(experts, moe.num_experts, mask)
     y = flexkern.experts_swiglu(x, moe.experts.gate_proj, moe.experts.up_proj,
                                 moe.experts.down_proj, disp, weights, frozen)
-    return y, moe._z_loss(logits)
+    return y, z_loss(logits, mask, moe.mask_mode == "reroute")
 
 
 @pytest.mark.parametrize("mask_mode", ["reroute", "drop"])

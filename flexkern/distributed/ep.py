@@ -52,7 +52,8 @@ from .exchange import all_gather_rows, all_to_all, all_to_all_raw
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _FIELDS = ("num_experts", "d_model", "d_ff", "top_k", "world_size", "mask_mode", "renormalize",
-           "capacity", "router_bias", "dtype", "experts_per_rank", "expert_mask (active count)",
+           "capacity", "router_bias", "dtype", "experts_per_rank", "scoring", "n_group", "topk_group",
+           "routed_scaling (x1e6)", "score_bias", "shared_d_ff", "expert_mask (active count)",
            "expert_mask (which experts)", "expert_mask (which experts, squared ids)")
 _H = len(_FIELDS)
 
@@ -91,15 +92,16 @@ class ExpertParallelMoE(FlexMoE):
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, group=None, *,
                  capacity: int | None = None, experts_per_rank: Sequence[int] | None = None,
                  router_bias: bool = True, renormalize: bool = False, mask_mode: str = "reroute",
-                 backend: str | None = None, recompute_activations: bool = False, device=None, dtype=None):
+                 backend: str | None = None, recompute_activations: bool = False, device=None, dtype=None,
+                 scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
+                 routed_scaling: float = 1.0, score_bias: bool = False, shared_d_ff: int = 0,
+                 shared_gate: bool = False):
         nn.Module.__init__(self)
         for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        if mask_mode not in ("reroute", "drop"):
-            raise ValueError(f"mask_mode must be 'reroute' or 'drop', got {mask_mode!r}")
         if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1):
             raise ValueError(f"capacity must be None (exact exchange) or a positive int, got {capacity!r}")
         if not dist.is_initialized():
@@ -115,22 +117,18 @@ class ExpertParallelMoE(FlexMoE):
         self.capacity = capacity
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.d_ff, self.top_k = d_model, d_ff, top_k
-        self.renormalize, self.mask_mode, self.backend = renormalize, mask_mode, backend
+        self.backend = backend
+        self._set_gating(num_experts, renormalize, mask_mode, scoring, n_group, topk_group, routed_scaling)
         self.recompute_activations = recompute_activations
         self.router = Router(d_model, num_experts, router_bias, **factory)
         self.experts = Experts(d_model, d_ff, self.local_end - self.local_start, **factory)
-        saved = _state_buffers()  # saved in the state dict exactly when FlexMoE saves them
-        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool, device=device),
-                             persistent="expert_mask" in saved)
-        self.register_buffer("expert_frozen", torch.zeros(num_experts, dtype=torch.bool, device=device),
-                             persistent="expert_frozen" in saved)
+        # the replicated parts (shared expert, score bias) and the mask buffers, as FlexMoE's
+        self._init_shared_and_state(num_experts, score_bias, shared_d_ff, shared_gate, factory)
         # Rank d holds experts [starts[d], starts[d+1]); kept on the device (no copy per forward).
         self.register_buffer("expert_starts_W1", torch.tensor(starts, dtype=torch.int64, device=device),
                              persistent=False)
         self.register_buffer("overflow", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("overflow_total", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
-        self.z_loss: torch.Tensor | None = None
-        self._checked_mask_version = None
         self._verified = False
         self.phase_timer = None
 
@@ -160,6 +158,9 @@ class ExpertParallelMoE(FlexMoE):
             self.num_experts, self.d_model, self.d_ff, self.top_k, self.world_size,
             self.mask_mode == "reroute", self.renormalize, self.capacity or 0,
             self.router.bias is not None, _DTYPES.index(self.router.weight.dtype), split_code,
+            self.scoring == "sigmoid", self.n_group, self.topk_group, round(self.routed_scaling * 1e6),
+            self.score_bias is not None,
+            0 if self.shared_expert is None else self.shared_expert.gate_proj.shape[0],
         ], dtype=torch.int64, device=dev)
         ids = torch.arange(1, self.num_experts + 1, device=dev)
         m = self.expert_mask.long()
@@ -195,6 +196,7 @@ class ExpertParallelMoE(FlexMoE):
         with self._phase("routing"):  # exactly FlexMoE's routing, on this rank's tokens
             weights_TK, experts_TK = self._route(x_TD)
             disp = ops.dispatch(experts_TK, self.num_experts, self.expert_mask, self.backend, validate=False)
+            self._record_routing(x, experts_TK, disp)
             x_ND = ops.permute(x_TD, disp, self.backend)
         # Every rank must enter the backward exchanges together: keep them in the graph whenever a
         # gradient can be taken, even if this rank's rows do not require one.
@@ -206,7 +208,7 @@ class ExpertParallelMoE(FlexMoE):
             o_ND = self._fixed_capacity(x_ND, disp.offsets_E1)
         with self._phase("combine"):
             y_TD = ops.unpermute(o_ND, disp, weights_TK, self.backend)
-        return y_TD.view(x.shape)
+        return self._add_shared(x_TD, y_TD).view(x.shape)
 
     def _local_experts(self, x_rD, offsets_L1):
         with self._phase("experts"):
@@ -288,6 +290,16 @@ class ExpertParallelMoE(FlexMoE):
 _EXPERT_KEYS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
 
 
+def _replicated_keys(module: FlexMoE) -> list[str]:
+    """State-dict keys every rank holds whole, besides the router weight and the mask buffers."""
+    keys = ["router.bias"] if module.router.bias is not None else []
+    if module.score_bias is not None:
+        keys.append("score_bias")
+    if module.shared_expert is not None:
+        keys += [f"shared_expert.{n}" for n, _ in module.shared_expert.named_parameters()]
+    return keys
+
+
 def shard(source, group=None, *, top_k: int | None = None, capacity: int | None = None,
           experts_per_rank: Sequence[int] | None = None, **kwargs) -> ExpertParallelMoE:
     """This rank's ExpertParallelMoE from a full FlexMoE (its settings, mask and frozen flags are
@@ -297,19 +309,21 @@ def shard(source, group=None, *, top_k: int | None = None, capacity: int | None 
     if isinstance(source, ExpertParallelMoE):
         raise TypeError("source is already expert-parallel; unshard it first")
     if isinstance(source, FlexMoE):
-        settings = dict(router_bias=source.router.bias is not None, renormalize=source.renormalize,
-                        mask_mode=source.mask_mode, backend=source.backend,
-                        recompute_activations=source.recompute_activations)
-        settings.update(kwargs)
+        settings = {**source.settings(), **kwargs}
         top_k = source.top_k if top_k is None else top_k
-        state, mask, frozen = source.state_dict(), source.expert_mask, source.expert_frozen
+        # the experts by attribute: they may be views of another model's fused weights
+        state = {**source.state_dict(), **{k: getattr(source.experts, k.split(".")[1]) for k in _EXPERT_KEYS}}
+        mask, frozen = source.expert_mask, source.expert_frozen
     elif isinstance(source, dict):
         if top_k is None:
             raise ValueError("shard(state_dict) needs top_k")
         missing = [k for k in ("router.weight", *_EXPERT_KEYS) if k not in source]
         if missing:
             raise ValueError(f"state dict lacks {missing} (expected a FlexMoE state dict)")
-        settings = dict(router_bias="router.bias" in source, **kwargs)
+        shared = source.get("shared_expert.gate_proj")
+        settings = dict(router_bias="router.bias" in source, score_bias="score_bias" in source,
+                        shared_d_ff=0 if shared is None else shared.shape[0],
+                        shared_gate="shared_expert.output_gate" in source, **kwargs)
         state, mask, frozen = source, source.get("expert_mask"), source.get("expert_frozen")
     else:
         raise TypeError(f"shard expects a FlexMoE or its state dict, got {type(source).__name__}")
@@ -317,12 +331,15 @@ def shard(source, group=None, *, top_k: int | None = None, capacity: int | None 
     E, D = router.shape
     Fw = state["experts.gate_proj"].shape[1]
     module = ExpertParallelMoE(D, Fw, E, top_k, group, capacity=capacity, experts_per_rank=experts_per_rank,
-                               device=router.device, dtype=router.dtype, **settings)
+                               device=router.device, dtype=state["experts.gate_proj"].dtype, **settings)
     lo, hi = module.local_start, module.local_end
     with torch.no_grad():
+        if module.router.weight.dtype != router.dtype:  # a float32 router beside other experts
+            module.router.weight = nn.Parameter(router.detach().clone())
         module.router.weight.copy_(router)
-        if module.router.bias is not None:
-            module.router.bias.copy_(state["router.bias"])
+        targets = module.state_dict()  # shares storage with the parameters and buffers
+        for key in _replicated_keys(module):  # the bias, score bias, the shared expert
+            targets[key].copy_(state[key])
         for key in _EXPERT_KEYS:
             full = state[key]
             if full.shape[0] != E:
@@ -346,8 +363,9 @@ def unshard(module: ExpertParallelMoE) -> dict[str, torch.Tensor]:
     if not isinstance(module, ExpertParallelMoE):
         raise TypeError(f"unshard expects an ExpertParallelMoE, got {type(module).__name__}")
     state = {"router.weight": module.router.weight.detach().clone()}
-    if module.router.bias is not None:
-        state["router.bias"] = module.router.bias.detach().clone()
+    full = module.state_dict()
+    for key in _replicated_keys(module):
+        state[key] = full[key].detach().clone()
     most = max(module.experts_per_rank)
     for key in _EXPERT_KEYS:
         local = getattr(module.experts, key.split(".")[1]).detach()
@@ -363,10 +381,10 @@ def to_flexmoe(module: ExpertParallelMoE) -> FlexMoE:
     """A single-device FlexMoE with the same weights, settings, mask and frozen flags (collective)."""
     state = unshard(module)
     w = module.router.weight
-    out = FlexMoE(module.d_model, module.d_ff, module.num_experts, module.top_k,
-                  router_bias=module.router.bias is not None, renormalize=module.renormalize,
-                  mask_mode=module.mask_mode, backend=module.backend,
-                  recompute_activations=module.recompute_activations, device=w.device, dtype=w.dtype)
+    out = FlexMoE(module.d_model, module.d_ff, module.num_experts, module.top_k, device=w.device,
+                  dtype=module.experts.gate_proj.dtype, **module.settings())
+    if w.dtype != out.router.weight.dtype:
+        out.router.weight = nn.Parameter(w.detach().clone())
     out.load_state_dict(state)
     out.expert_mask.copy_(module.expert_mask)
     out.expert_frozen.copy_(module.expert_frozen)
