@@ -21,6 +21,11 @@ Anything else raises ``UnsupportedExpertsError`` naming the class and the reason
 fallback): another activation than SiLU, non-gated experts, biases, interleaved gate/up, a custom
 ``_apply_gate``, a post-expert norm, expert parallelism, or shapes that do not fit.
 
+``flexmoe_from_hf(block)`` goes further: a FlexMoE layer (flexkern's routing too, and its
+balance losses, mask and counts) sharing the weights of a transformers MoE block (Mixtral, OLMoE,
+Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, FlexOlmo), with the block's forward (flexkern/integrations/
+hf_blocks.py).
+
 Shapes: T tokens, D hidden size, F expert width, E experts, K top-k.
 """
 from __future__ import annotations
@@ -97,6 +102,11 @@ def expert_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch
     reason = unsupported_reason(module)
     if reason is not None:
         _refuse(module, reason)
+    return weight_views(module)
+
+
+def weight_views(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``expert_weights`` without the checks, for a module already accepted once."""
     gate_up, down = module.gate_up_proj, module.down_proj
     if module.is_transposed:  # (E, D, 2F), (E, F, D)
         Fw = gate_up.shape[2] // 2
@@ -146,5 +156,8 @@ def unsupported_experts(model: nn.Module) -> dict[str, str]:
 
 register()
 
-__all__ = ["NAME", "UnsupportedExpertsError", "expert_weights", "flexkern_experts_forward", "register",
-           "unsupported_experts", "unsupported_reason"]
+# FlexMoE layers from transformers' MoE blocks (defined beside, exported here).
+from .hf_blocks import flexmoe_from_hf  # noqa: E402
+
+__all__ = ["NAME", "UnsupportedExpertsError", "expert_weights", "flexkern_experts_forward",
+           "flexmoe_from_hf", "register", "unsupported_experts", "unsupported_reason", "weight_views"]
