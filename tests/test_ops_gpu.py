@@ -87,3 +87,43 @@ def test_module_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, moe(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_router_family_module_on_cuda(dtype):
+    """FlexMoE with DeepSeek-V3 gating (sigmoid, score bias, groups, scaling), a gated shared
+    expert and a mask, on the fast backends against the float64 CPU layer; the error is bounded
+    by the reference backend's own on CUDA in that dtype. Losses and counts stay on the device."""
+    kw = dict(scoring="sigmoid", n_group=4, topk_group=2, routed_scaling=2.5, renormalize=True,
+              score_bias=True, shared_d_ff=48, shared_gate=True, router_bias=False)
+    torch.manual_seed(0)
+    ref = flexkern.FlexMoE(64, 96, 16, 4, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        ref.score_bias.normal_(0, 0.05)
+    ref.expert_mask[[3, 9]] = False
+    x = torch.randn(300, 64, dtype=torch.float64)
+    want = ref(x)
+
+    def routes(layer, inp):
+        _, e, _ = flexkern.route(inp.reshape(-1, 64), layer.router.weight, layer.top_k, None,
+                                 layer.expert_mask, renormalize=True, backend=layer.backend,
+                                 **layer._gating())
+        return e.sort(-1).values.cpu()
+
+    outs, same = {}, torch.ones(300, dtype=torch.bool)
+    e_ref = routes(ref, x)
+    for name in ("reference", None):
+        moe = flexkern.FlexMoE(64, 96, 16, 4, device="cuda", dtype=dtype, backend=name, **kw)
+        moe.load_state_dict({k: v.to(dtype) if v.is_floating_point() and k != "score_bias" else v
+                             for k, v in ref.state_dict().items()})
+        xc = x.cuda().to(dtype).requires_grad_()
+        outs[name] = moe(xc)
+        outs[name].float().square().sum().backward()
+        assert torch.isfinite(xc.grad).all()
+        assert moe.tokens_per_expert.is_cuda and int(moe.tokens_per_expert[[3, 9]].sum()) == 0
+        assert moe.load_balancing_loss.is_cuda and moe.sequence_balance_loss.is_cuda
+        same &= (routes(moe, xc.detach()) == e_ref).all(-1)  # low precision may flip near-ties
+    assert float(same.float().mean()) > 0.95
+    rows = same.cuda()
+    err, base = rel_err(outs[None][rows], want[same]), rel_err(outs["reference"][rows], want[same])
+    assert err <= 2 * base + 1e-6, (err, base)
