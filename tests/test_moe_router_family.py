@@ -215,15 +215,19 @@ def test_compile_fullgraph_with_the_router_family():
 
     def step(x):
         y = moe(x)
-        return y, moe.z_loss
+        return y, moe.z_loss + moe.load_balancing_loss + moe.sequence_balance_loss
 
+    x.requires_grad_()
     y_e, z_e = step(x)
     load_eager = moe.expert_load.clone()
     compiled = torch.compile(step, fullgraph=True)
     y_c, z_c = compiled(x)
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z_c, z_e, rtol=1e-5, atol=1e-6)
-    assert torch.equal(moe.expert_load, 2 * load_eager)  # the count also runs compiled
+    (g_c,) = torch.autograd.grad(z_c + y_c.square().sum(), x)
+    (g_e,) = torch.autograd.grad(step(x)[1] + moe(x).square().sum(), x)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
+    assert torch.equal(moe.expert_load, 4 * load_eager)  # the count also runs compiled
     moe.expert_mask[2] = False  # honoured without recompiling
     torch.testing.assert_close(compiled(x)[0], moe(x), rtol=1e-5, atol=1e-6)
 
