@@ -38,7 +38,8 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from .flexolmo.defaults import ANCHOR, ANCHOR_PRESET, DEMO, DEMO_VARIANTS, EMBED_METHODS, EXPERT, PRESET_NAMES
+from .flexolmo.defaults import (ANCHOR, ANCHOR_PRESET, DEMO, DEMO_VARIANTS, EMBED_METHODS, EXPERT, PRESET_NAMES,
+                                PROXY_SELECTIONS)
 
 # Argument types, parser helpers and the checks made before any work (cli's own helpers).
 from .cli_args import (  # noqa: F401  (DOMAIN_NAMES is part of the CLI's surface)
@@ -74,7 +75,8 @@ def _demo_run(a) -> int:
     run_demo(a.out, a.preset, install=not a.no_install, force=a.overwrite, anchor_steps=a.anchor_steps,
              expert_steps=a.expert_steps, max_bytes=a.max_bytes, eval_tokens=a.eval_tokens,
              rt_steps=a.rt_steps, embed_method=a.embed_method, device=a.device, public_share=a.public_share,
-             rt_proxy_fraction=a.rt_proxy_fraction, short_tokens=a.short_tokens, mixed_per_pair=a.mixed_per_pair,
+             rt_proxy_fraction=a.rt_proxy_fraction, rt_proxy_selection=a.rt_proxy_selection,
+             short_tokens=a.short_tokens, mixed_per_pair=a.mixed_per_pair,
              bootstrap=a.bootstrap, seeds=a.seeds, variants=tuple(a.variant), topk_sweep=a.topk_sweep,
              attribution=not a.no_attribution)
     return 0
@@ -275,7 +277,8 @@ def _tune_router_run(a) -> int:
         from .distributed import flexolmo as ep
         tune_router_dir = partial(ep.tune_router_dir, expert_parallel_size=a.expert_parallel)
     out, losses = tune_router_dir(a.model, a.out, owners=_owners(a.owner), public=a.public,
-                                  proxy_fraction=a.proxy_fraction, public_docs=a.public_docs, steps=a.steps, lr=a.lr,
+                                  proxy_fraction=a.proxy_fraction, proxy_selection=a.proxy_selection,
+                                  public_docs=a.public_docs, steps=a.steps, lr=a.lr,
                                   batch_size=a.batch_size, max_bytes=a.max_bytes, device=a.device,
                                   overwrite=a.overwrite)
     if a.expert_parallel and int(os.environ.get("RANK", "0")):
@@ -378,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of every owner domain's training documents that goes into the public mix")
     p.add_argument("--rt-proxy-fraction", type=POS_FLOAT, default=DEMO.rt_proxy_fraction,
                    help="a proxy set holds at most this share of its owner's bytes")
+    p.add_argument("--rt-proxy-selection", default=DEMO.rt_proxy_selection, choices=PROXY_SELECTIONS,
+                   help="ranked: the public documents the owner's classifier scores highest (the paper's); "
+                        "thresholded: only those it classifies as the owner's")
     p.add_argument("--short-tokens", type=POS_INT, default=DEMO.short_tokens,
                    help="short-context evaluation: predicted tokens at the start of each held-out document")
     p.add_argument("--mixed-per-pair", type=POS_INT, default=DEMO.mixed_per_pair,
@@ -388,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], choices=DEMO_VARIANTS,
                    help="also train and report a variant (repeatable; default: none): extension = public-router "
                         "loss during owner training (extension-balanced: two-sided); no-bias, random-init, bias-dropped, no-coordination, "
-                        "anchor-init = ablations; rt-ceiling, routing = diagnostics (see flexkern.flexolmo.variants)")
+                        "anchor-init = ablations; rt-ceiling, routing = diagnostics; proxy-sweep = router tuning "
+                        "over proxy budgets on every seed (see flexkern.flexolmo.variants)")
     p.add_argument("--topk-sweep", action="store_true", help="also evaluate the merged model at every top-k")
     p.add_argument("--no-attribution", action="store_true", help="no per-token provenance figures in the report")
 
@@ -476,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "literature and a share of every owner domain)")
     p.add_argument("--proxy-fraction", type=POS_FLOAT, default=DEMO.rt_proxy_fraction,
                    help="a proxy set holds at most this share of its owner's bytes (the paper: << 1%%)")
+    p.add_argument("--proxy-selection", default=DEMO.rt_proxy_selection, choices=PROXY_SELECTIONS,
+                   help="ranked: the public documents the owner's classifier scores highest (the paper's); "
+                        "thresholded: only those it classifies as the owner's")
     p.add_argument("--public-docs", type=POS_INT, default=DEMO.rt_public_docs,
                    help="public documents added to every proxy set")
     p.add_argument("--steps", type=POS_INT, default=DEMO.rt_steps, help="optimizer steps")

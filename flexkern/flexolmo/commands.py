@@ -48,15 +48,18 @@ def evaluate_model_dir(model_dir, *, data=None, opt_out=(), top_k: int | None = 
 
 
 def tune_router_dir(model_dir, out_dir, *, owners: dict[str, str], public=None,
-                    proxy_fraction: float = DEMO.rt_proxy_fraction, public_docs: int = DEMO.rt_public_docs,
+                    proxy_fraction: float = DEMO.rt_proxy_fraction, proxy_selection: str = DEMO.rt_proxy_selection,
+                    public_docs: int = DEMO.rt_public_docs,
                     steps: int = DEMO.rt_steps, lr: float = DEMO.rt_lr, batch_size: int = DEMO.batch_size,
                     max_bytes: int | None = None, device: str = "cpu",
                     overwrite: bool = False) -> tuple[Path, list[float]]:
     """Router tuning (``router_tuning.run_router_tuning``, the demo's too) -> a new model directory.
 
-    ``owners``: {expert name: its data source}; each owner's classifier picks its proxy set from the
-    public documents on its side. ``public`` None: the demo's public mix. ``max_bytes`` None: the
-    model's recorded settings (``eval_settings.json``), else the demo's. Returns (out_dir, loss per step).
+    ``owners``: {expert name: its data source}; each owner's classifier ranks the public documents
+    on its side and picks its proxy set (``proxy_selection``: "ranked", the top-scoring ones, or
+    "thresholded", only those it classifies as the owner's). ``public`` None: the demo's public mix.
+    ``max_bytes`` None: the model's recorded settings (``eval_settings.json``), else the demo's.
+    Returns (out_dir, loss per step).
     """
     from .eval_suite import load_settings, save_settings
     from .router_tuning import RouterTuningConfig, run_router_tuning, tuning_data
@@ -73,7 +76,8 @@ def tune_router_dir(model_dir, out_dir, *, owners: dict[str, str], public=None,
     mb = max_bytes if max_bytes is not None else (settings.max_bytes if settings else DEMO.max_bytes)
     pub, own = tuning_data(owners, public, mb, settings.public_share if settings else None)
     cfg = RouterTuningConfig(steps=steps, lr=lr, batch_size=batch_size, proxy_fraction=proxy_fraction,
-                             public_docs=public_docs, seq_len=settings.seq_len if settings else None)
+                             proxy_selection=proxy_selection, public_docs=public_docs,
+                             seq_len=settings.seq_len if settings else None)
     res = run_router_tuning(model, tok, pub, own, cfg)
     info = read_json(model_dir / EXPERTS_FILE)
     out = write_model_dir(out_dir, model.cpu(), model_dir / TOKENIZER_FILE, public_row, method, info,

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 PRESET_NAMES = ("micro", "tiny", "small")  # the keys of model.PRESETS
 EMBED_METHODS = ("minilm", "anchor")       # all-MiniLM-L6-v2, or the anchor's own hidden states
+# how a proxy set is picked from the public documents an owner's classifier ranks (proxy.py):
+# "ranked" takes the top-scoring ones (the paper's), "thresholded" only those it puts on the owner's side
+PROXY_SELECTIONS = ("ranked", "thresholded")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class DemoDefaults:
     embed_method: str = "minilm"
     public_share: float = 0.08      # of every owner domain's training documents, made public
     rt_proxy_fraction: float = 0.01  # a proxy set holds at most this share of its owner's bytes
+    rt_proxy_selection: str = "ranked"  # one of PROXY_SELECTIONS
     short_tokens: int = 48          # short-context evaluation: first tokens of each held-out document
     mixed_per_pair: int = 4         # mixed-domain windows per pair of domains
     bootstrap: int = 1000           # bootstrap replicates of every interval
@@ -50,4 +54,4 @@ class DemoDefaults:
 
 DEMO = DemoDefaults()
 DEMO_VARIANTS = ("extension", "extension-balanced", "no-bias", "random-init", "bias-dropped", "no-coordination",
-                 "anchor-init", "rt-ceiling", "routing")  # = demo.VARIANTS
+                 "anchor-init", "rt-ceiling", "routing", "proxy-sweep")  # = demo.VARIANTS

@@ -26,13 +26,15 @@ from .data import DOMAINS, OWNER_DOMAINS, PUBLIC_DOMAINS, PUBLIC_SHARE, Corpora,
 
 # the options that decide the base run's artifacts; a rerun must agree on them
 _BASE_FIELDS = ("preset", "max_bytes", "anchor_steps", "expert_steps", "batch_size", "seq_len", "anchor_lr",
-                "expert_lr", "embed_docs", "rt_steps", "rt_proxy_fraction", "rt_public_docs", "rt_lr",
+                "expert_lr", "embed_docs", "rt_steps", "rt_proxy_fraction", "rt_proxy_selection", "rt_public_docs",
+                "rt_lr",
                 "headline_top_k", "embed_method", "seed", "public_share")
 VARIANTS = ("extension", "extension-balanced", "no-bias", "random-init", "bias-dropped", "no-coordination",
-            "anchor-init", "rt-ceiling", "routing")
+            "anchor-init", "rt-ceiling", "routing", "proxy-sweep")
 DEMO_KIND = "demo-run"
 _DEMO_FILES = ("demo_config.json", "timings.json", "results.json", "report.md", "losses.png", "opt_out.png",
-               "rt_streams.pt", "rt_info.json", "suite.png", "diag_wide_proxy.pt")
+               "rt_streams.pt", "rt_info.json", "suite.png", "diag_wide_proxy.pt", "proxy_sweep.pt",
+               "proxy_sweep.png")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class DemoConfig:
     rt_steps: int = 20              # router tuning
     rt_proxy_docs: int = 4          # (unused since proxy sets are sized by rt_proxy_fraction)
     rt_proxy_fraction: float = 0.01  # a proxy set holds at most this share of its owner's bytes
+    rt_proxy_selection: str = "ranked"  # the top-scoring public documents, or "thresholded" (proxy.py)
     rt_public_docs: int = 16        # public documents sampled beside the proxy sets
     rt_lr: float = 2e-3
     headline_top_k: int = 2         # the "merged" row and opt-out base (= `flexkern merge` default)
@@ -73,6 +76,9 @@ class DemoConfig:
             raise ValueError(f"unknown variants {bad}; choose from {VARIANTS}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be a positive int, got {self.seeds!r}")
+        from .defaults import PROXY_SELECTIONS
+        if self.rt_proxy_selection not in PROXY_SELECTIONS:
+            raise ValueError(f"unknown rt_proxy_selection {self.rt_proxy_selection!r}; choose from {PROXY_SELECTIONS}")
 
 
 def _say(log: bool, *msg) -> None:
@@ -247,8 +253,8 @@ def eval_settings(cfg: DemoConfig):
 def rt_config(cfg: DemoConfig):
     from .router_tuning import RouterTuningConfig
     return RouterTuningConfig(steps=cfg.rt_steps, lr=cfg.rt_lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                              proxy_fraction=cfg.rt_proxy_fraction, public_docs=cfg.rt_public_docs,
-                              owner_embed_docs=cfg.embed_docs, seed=cfg.seed)
+                              proxy_fraction=cfg.rt_proxy_fraction, proxy_selection=cfg.rt_proxy_selection,
+                              public_docs=cfg.rt_public_docs, owner_embed_docs=cfg.embed_docs, seed=cfg.seed)
 
 
 def _rt_streams(out: Path, corpora: Corpora, tok, cfg: DemoConfig, timer: Timings, log: bool):
@@ -276,7 +282,7 @@ def _router_tuned(out: Path, merged_dir: Path, streams, cfg: DemoConfig, timer: 
     from .checkpoint import TOKENIZER_FILE, read_json, read_public_embedding, write_model_dir
     from .eval_suite import save_settings
     from .merge import load_model
-    from .router_tuning import tune_router
+    from .router_tuning import tune_router_with
 
     rt_dir = out / (name or f"{merged_dir.name}_rt")
     if not (rt_dir / "experts.json").exists():
@@ -284,10 +290,8 @@ def _router_tuned(out: Path, merged_dir: Path, streams, cfg: DemoConfig, timer: 
         n_proxy = sum(int(s.numel()) for k, s in streams.items() if k != "public")
         _say(log, f"== router tuning ({rt_dir.name}): {cfg.rt_steps} steps on proxy sets ({n_proxy} tokens) + "
                   f"{int(streams['public'].numel())} public tokens, all experts active")
-        c = rt_config(cfg)
         with timer(f"router tuning {rt_dir.name}"):
-            tune_router(model, streams, steps=c.steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=c.lr,
-                        seed=c.seed, progress=log)
+            tune_router_with(model, streams, rt_config(cfg), progress=log)
         row, method = read_public_embedding(merged_dir)
         write_model_dir(rt_dir, model.cpu(), merged_dir / TOKENIZER_FILE, row, method,
                         read_json(merged_dir / "experts.json"))
@@ -580,6 +584,8 @@ def run_demo(out_dir="runs/demo", preset: str = "tiny", *, install: bool = True,
         extra[v], variant_rows[v] = variant_stage(v, stage)
     if cfg.seeds > 1:
         extra["seeds"], _ = variant_stage("seeds", stage)
+    if "proxy-sweep" in extra:  # evaluated last: it pairs with the seeds' rows
+        extra["proxy-sweep"] = extra.pop("proxy-sweep")
     res = _evaluate(out, anchor_dir, merged_dir, rt_dir, corpora, cfg, timer, log, extra)
     ev = res["evaluator"]
     results = {"domains": list(DOMAINS), "public_domains": list(PUBLIC_DOMAINS),
@@ -653,7 +659,8 @@ def _notes(cfg: DemoConfig, results: dict) -> list[str]:
         f"windows drawn uniformly from each owner's proxy set and a {cfg.rt_public_docs}-document public "
         "sample; evaluated at the merged model's top-k. Proxy sets: per owner, a logistic regression on "
         "MiniLM embeddings (owner documents vs the public mix) ranks the public documents; the top ones "
-        f"up to {cfg.rt_proxy_fraction:.0%} of the owner's bytes: "
+        + ("it classifies as the owner's (else its single top one) " if cfg.rt_proxy_selection == "thresholded"
+           else "") + f"up to {cfg.rt_proxy_fraction:.1%} of the owner's bytes: "
         + "; ".join(f"{n} {p['proxy_docs']} docs from {sorted(set(p['proxy_sources']))}" for n, p in proxy.items()),
         f"Opt-out by masking; a checkpoint written without expert '{OWNER_DOMAINS[0]}' gives the same logits "
         f"(max |diff| {results['opt_out_check']:.2e}).",

@@ -1,9 +1,10 @@
 """The report's findings: what the diagnostics and ablations say about the goals, from the numbers.
 
 Each finding is stated only when the rows it needs were run (``demo --variant rt-ceiling --variant
-routing`` and the owner-training variants), and its wording follows the measured signs and
-intervals, so a run where the numbers differ says something different. Input: the demo's results
-dict (``suite``, ``ablations``, ``versus_btm``, ``probe``, ``routing``, ``headline``, ``sets``).
+routing --variant proxy-sweep`` and the owner-training variants), and its wording follows the
+measured signs and intervals, so a run where the numbers differ says something different. Input:
+the demo's results dict (``suite``, ``ablations``, ``versus_btm``, ``probe``, ``routing``,
+``proxy_sweep``, ``headline``, ``sets``).
 """
 from __future__ import annotations
 
@@ -46,12 +47,12 @@ def findings(results: dict) -> list[str]:
                    f"So {verdict}.")
     closed_long = _find(abl, "diagnostic: RT for", "closed data")
     proxy_long = _find(abl, "diagnostic: RT for", "on the proxy sets")
-    wide = _find(abl, "diagnostic: RT for", "proxy sets of")
+    wide = _find(abl, "diagnostic: RT for", "larger ranked proxy sets")
     closed = _find(abl, "diagnostic: RT on the owners' closed data")
     if closed_long and proxy_long:
         parts = [f"10x the steps on the same proxy sets: {_per_set(abl[proxy_long], sets)}"]
         if wide:
-            parts.append(f"10x larger proxy sets (10x steps): {_per_set(abl[wide], sets)}")
+            parts.append(f"10x larger ranked proxy sets (10x steps): {_per_set(abl[wide], sets)}")
         if closed:
             parts.append(f"the owners' closed data, same steps: {_per_set(abl[closed], sets)}")
         parts.append(f"closed data, 10x steps: {_per_set(abl[closed_long], sets)}")
@@ -95,9 +96,50 @@ def findings(results: dict) -> list[str]:
     if nb and all(abs(c["diff"]) < 1e-3 for c in nb.values()):
         out.append("**The router bias does nothing here:** without it the model is the same to 1e-3 nats "
                    "(it starts at 0, is clamped to <= 0, and the owner's gradient pushes it up, so it stays 0).")
+    sweep = _sweep_finding(results.get("proxy_sweep"), sets)
+    if sweep:
+        out.append(sweep)
     bal = _find(vs, "two-sided", "+ RT")
     if bal:
         out.append(f"**The two-sided extension** (owners' rows trained as own-vs-public classifiers on public "
                    f"data and their own) minus `{head}`: {_per_set(abl.get(bal, {}), sets)}; minus BTM top-2: "
                    f"{_per_set(vs[bal], sets)}.")
     return [f"- {line}" for line in out]
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:g}%"
+
+
+def _sweep_finding(sw: dict | None, sets: list[str]) -> str | None:
+    """The proxy-budget sweep (proxy_sweep.py): where the loss is lowest and what beats this run's budget."""
+    if not sw:
+        return None
+    rows = sw["rows"]
+    ranked = [r for r in rows if r["selection"] == "ranked"]
+    run = next((r for r in rows if r["is_run"]), None)
+    if not ranked or run is None:
+        return None
+    best = {s: min(ranked, key=lambda r: r["loss"][s]) for s in sets}
+    line = (f"**How large a proxy set?** Router tuning with ranked proxy sets of "
+            f"{_pct(ranked[0]['fraction'])}-{_pct(ranked[-1]['fraction'])} of each owner's bytes, over "
+            f"{sw['seeds']} seeds: the lowest mean loss is at " + ", ".join(
+                f"{_pct(best[s]['fraction'])} ({s})" for s in sets) + ". This run's "
+            f"`{run['label']}` minus no RT: {_per_set(run['vs_no_rt'], sets)}; minus BTM top-2: "
+            f"{_per_set(run['vs_btm2'], sets)}.")
+    wins = [(r, [s for s in sets if _better(r["vs_run"][s])]) for r in rows if not r["is_run"]]
+    wins = [(r, w) for r, w in wins if w]
+    if wins:
+        line += " Significantly better than it: " + "; ".join(
+            f"{r['label']} on " + ", ".join(f"{s} ({_fmt(r['vs_run'][s])})" for s in w) for r, w in wins) + "."
+    else:
+        line += " No other point of the sweep is significantly better than it on any set."
+    other = [r for r in rows if r["selection"] != run["selection"] and r["fraction"] == run["fraction"]]
+    if other:
+        line += f" `{other[0]['label']}` minus it: {_per_set(other[0]['vs_run'], sets)}."
+    one = next((r for r in ranked if r["fraction"] == 0.01), None)
+    if one and max(b["fraction"] for b in best.values()) > 0.01:
+        docs = sum(p["proxy_docs"] for p in one["proxy"].values()) / len(one["proxy"])
+        line += (f" The best budgets are above the paper's |proxy| << 1% of the owner's data: at 1% an owner "
+                 f"here gets {docs:.1f} documents on average.")
+    return line

@@ -4,9 +4,16 @@ Per owner, a binary classifier separates the owner's documents (label 1) from pu
 (label 0) on sentence embeddings; the owner's proxy set is the public documents the classifier
 scores highest, at most ``proxy_fraction`` of the owner's data (the paper: |proxy| << 1% of it).
 The classifier is fitted on the owner's side (its own embeddings never leave it); only the indices
-of the chosen public documents do. The paper fine-tunes a small embedder as the classifier; an
-L2-regularised logistic regression on frozen MiniLM embeddings is the light stand-in (fitted in
-torch, float64, full batch L-BFGS: deterministic for the same inputs).
+of the chosen public documents do.
+
+Selections (``PROXY_SELECTIONS``): "ranked" (the default, the paper's "top-scoring public
+documents") fills the budget in score order; "thresholded" takes only documents the classifier puts
+on the owner's side (decision value > 0) -- a classifier that separates the owner from the public
+mix well may put none there, and the set is then the single top document whatever the budget.
+
+The paper fine-tunes a small embedder as the classifier; an L2-regularised logistic regression on
+frozen MiniLM embeddings is the light stand-in (fitted in torch, float64, full batch L-BFGS:
+deterministic for the same inputs).
 
 Shapes: N documents, D embedding width.
 """
@@ -15,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .defaults import PROXY_SELECTIONS
 
 
 @dataclass(frozen=True)
@@ -70,13 +79,21 @@ def proxy_budget(owner_docs: list[str], proxy_fraction: float) -> int:
     return int(proxy_fraction * sum(len(d.encode("utf-8")) for d in owner_docs))
 
 
-def select_by_score(scores_N: torch.Tensor, sizes_N: list[int], budget: int, min_score: float = 0.0) -> list[int]:
+def selection_min_score(selection: str) -> float:
+    """The decision value a candidate must exceed under ``selection`` (one of ``PROXY_SELECTIONS``)."""
+    if selection not in PROXY_SELECTIONS:
+        raise ValueError(f"unknown proxy selection {selection!r}; choose from {PROXY_SELECTIONS}")
+    return 0.0 if selection == "thresholded" else float("-inf")
+
+
+def select_by_score(scores_N: torch.Tensor, sizes_N: list[int], budget: int,
+                    min_score: float = float("-inf")) -> list[int]:
     """Indices of the top-scoring documents that fit in ``budget``, among those scoring above ``min_score``.
 
-    Only documents the classifier puts on the owner's side (decision value > ``min_score``) are
-    candidates; they are taken in descending score (ties: lower index first), one that would exceed
-    the budget is skipped and the next is tried. When none fits (or none is a candidate), the single
-    top-scoring document is returned, whatever its size. Returned in ascending index order.
+    Candidates (decision value > ``min_score``; the default: every document) are taken in
+    descending score (ties: lower index first); one that would exceed the budget is skipped and the
+    next is tried. When none fits (or none is a candidate), the single top-scoring document is
+    returned, whatever its size. Returned in ascending index order.
     """
     if scores_N.dim() != 1 or len(sizes_N) != scores_N.shape[0]:
         raise ValueError(f"{scores_N.shape[0] if scores_N.dim() == 1 else scores_N.shape} scores "
@@ -95,6 +112,31 @@ def select_by_score(scores_N: torch.Tensor, sizes_N: list[int], budget: int, min
 
 
 @dataclass(frozen=True)
+class Ranking:
+    """An owner's classifier's view of the public documents (what every budget's selection starts from)."""
+    scores: torch.Tensor        # (N,) float64 decision values of every public document
+    train_accuracy: float       # of the classifier on its own training examples
+
+
+def rank_public(owner_emb_ND: torch.Tensor, public_emb_ND: torch.Tensor, l2: float = 1e-2) -> Ranking:
+    """Fit the owner-vs-public classifier and score every public document (row i = document i)."""
+    clf = fit_logistic(owner_emb_ND, public_emb_ND, l2=l2)
+    scores = clf.logits(public_emb_ND)
+    acc = float(torch.cat([clf.logits(owner_emb_ND) > 0, scores <= 0]).double().mean())
+    return Ranking(scores, acc)
+
+
+def select_from_ranking(ranking: Ranking, public_docs: list[str], owner_docs: list[str], proxy_fraction: float,
+                        selection: str = "ranked") -> list[int]:
+    """Indices (into ``public_docs``) of the proxy set at ``proxy_fraction`` of the owner's bytes."""
+    if ranking.scores.shape[0] != len(public_docs):
+        raise ValueError(f"{len(public_docs)} public documents but {ranking.scores.shape[0]} scores")
+    sizes = [len(d.encode("utf-8")) for d in public_docs]
+    return select_by_score(ranking.scores, sizes, proxy_budget(owner_docs, proxy_fraction),
+                           selection_min_score(selection))
+
+
+@dataclass(frozen=True)
 class ProxySet:
     indices: list[int]          # into the public documents
     scores: torch.Tensor        # (N,) classifier decision values of every public document
@@ -103,19 +145,17 @@ class ProxySet:
 
 def select_proxy_set(owner_emb_ND: torch.Tensor, public_emb_ND: torch.Tensor, public_docs: list[str],
                      owner_docs: list[str], proxy_fraction: float = 0.01, l2: float = 1e-2,
-                     min_score: float = 0.0) -> ProxySet:
+                     selection: str = "ranked") -> ProxySet:
     """The owner's proxy set: public documents ranked by an owner-vs-public classifier.
 
     ``owner_emb_ND``: embeddings of (a sample of) the owner's documents, computed on its side.
     ``public_emb_ND``: embeddings of ``public_docs`` (row i = document i).
     ``owner_docs``: the owner's documents, only to size the budget (``proxy_fraction`` of their bytes).
-    ``min_score``: candidates score above it (0: classified as the owner's; -inf: rank them all).
+    ``selection``: "ranked" (top-scoring, the paper's) or "thresholded" (only those on the owner's side).
     """
     if public_emb_ND.shape[0] != len(public_docs):
         raise ValueError(f"{len(public_docs)} public documents but {public_emb_ND.shape[0]} embeddings")
-    clf = fit_logistic(owner_emb_ND, public_emb_ND, l2=l2)
-    scores = clf.logits(public_emb_ND)
-    acc = float(torch.cat([clf.logits(owner_emb_ND) > 0, scores <= 0]).double().mean())
-    sizes = [len(d.encode("utf-8")) for d in public_docs]
-    idx = select_by_score(scores, sizes, proxy_budget(owner_docs, proxy_fraction), min_score)
-    return ProxySet(idx, scores, acc)
+    selection_min_score(selection)  # a bad name fails before the fit
+    r = rank_public(owner_emb_ND, public_emb_ND, l2)
+    return ProxySet(select_from_ranking(r, public_docs, owner_docs, proxy_fraction, selection), r.scores,
+                    r.train_accuracy)

@@ -270,6 +270,9 @@ def suite_sections(results: dict) -> list[str]:
             out.append(f"| {n} | {p['proxy_docs']} | {p['proxy_bytes']} ({p['budget_bytes']}) | {src} | "
                        f"{p['classifier_train_accuracy']:.2f} |")
         out.append("")
+    if results.get("proxy_sweep"):
+        from .proxy_sweep import sweep_section
+        out += sweep_section(results["proxy_sweep"])
     return out
 
 

@@ -3,9 +3,10 @@ sets and public data, every expert active; the one implementation behind ``flexk
 and ``flexkern demo``.
 
     proxy sets       per owner, the public documents an owner-vs-public classifier scores highest
-                     (``proxy.select_proxy_set``), at most ``proxy_fraction`` of the owner's data;
-                     the classifier is fitted on the owner's side, only the chosen public documents
-                     leave it
+                     (``proxy.rank_public`` then ``proxy.select_from_ranking``), at most
+                     ``proxy_fraction`` of the owner's data, in score order ("ranked", the paper's)
+                     or only those it puts on the owner's side ("thresholded"); the classifier is
+                     fitted on the owner's side, only the chosen public documents leave it
     tuning data      {owner: its proxy set, "public": a seeded sample of public documents}; each step
                      draws every window from a uniformly chosen stream (so the proxy sets and the
                      public data weigh the same)
@@ -24,7 +25,7 @@ import torch
 from ..nn import Z_LOSS_WEIGHT
 from .embed import embed_texts, minilm_available, minilm_embed, sample_documents
 from .model import FlexOlmoLM, lm_loss
-from .proxy import select_proxy_set
+from .proxy import Ranking, proxy_budget, rank_public, select_from_ranking, selection_min_score
 from .tokenizer import encode_documents
 
 
@@ -38,10 +39,13 @@ class RouterTuningConfig:
     public_docs: int = 32          # public documents sampled beside the proxy sets
     owner_embed_docs: int = 32     # owner documents embedded for its classifier
     embed_max_tokens: int = 128    # tokens per document the classifier sees
-    # proxy candidates: public documents the classifier puts on the owner's side (score > 0); None
-    # ranks every public document (the paper's "top-scoring public documents")
-    proxy_min_score: float | None = 0.0
+    # "ranked": the top-scoring public documents (the paper's); "thresholded": only those the
+    # classifier puts on the owner's side (proxy.PROXY_SELECTIONS)
+    proxy_selection: str = "ranked"
     seed: int = 0
+
+    def __post_init__(self):
+        selection_min_score(self.proxy_selection)  # a bad name fails here, not after the embeddings
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,33 +58,43 @@ def _classifier_embeddings(texts: list[str], cfg: RouterTuningConfig, fallback_m
     return embed_texts(texts, "anchor", fallback_model, tokenizer)
 
 
-def tuning_streams(tokenizer, public: list[str], owners: dict[str, list[str]], cfg: RouterTuningConfig,
-                   embedder=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Token streams {owner: its proxy set, "public": a public sample} and what was chosen.
-
-    ``embedder``: a dense model for the classifier's features when MiniLM is not installed (the
-    public model; ``baselines.expert_submodel(merged, [0])`` is exactly it).
-    Returns (streams, info) with info[owner] = {"proxy_docs", "proxy_bytes", "budget_bytes",
-    "classifier_train_accuracy", "proxy_indices"} (indices into ``public``).
-    """
-    from .proxy import proxy_budget
-
+def owner_rankings(tokenizer, public: list[str], owners: dict[str, list[str]], cfg: RouterTuningConfig,
+                   embedder=None) -> dict[str, Ranking]:
+    """Per owner, its classifier's scores of every public document (fitted on a sample of its own
+    documents; what any budget's selection starts from). ``embedder``: see ``tuning_streams``."""
     if not public:
         raise ValueError("router tuning needs public documents")
     public_emb = _classifier_embeddings(public, cfg, embedder, tokenizer)
-    streams, info = {}, {}
+    out = {}
     for name, docs in owners.items():
         if not docs:
             raise ValueError(f"owner {name!r} has no documents")
         own_emb = _classifier_embeddings(sample_documents(docs, cfg.owner_embed_docs, cfg.seed), cfg,
                                          embedder, tokenizer)
-        ps = select_proxy_set(own_emb, public_emb, public, docs, cfg.proxy_fraction,
-                              min_score=float("-inf") if cfg.proxy_min_score is None else cfg.proxy_min_score)
-        chosen = [public[i] for i in ps.indices]
+        out[name] = rank_public(own_emb, public_emb)
+    return out
+
+
+def tuning_streams(tokenizer, public: list[str], owners: dict[str, list[str]], cfg: RouterTuningConfig,
+                   embedder=None, rankings: dict[str, Ranking] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Token streams {owner: its proxy set, "public": a public sample} and what was chosen.
+
+    ``embedder``: a dense model for the classifier's features when MiniLM is not installed (the
+    public model; ``baselines.expert_submodel(merged, [0])`` is exactly it).
+    ``rankings``: ``owner_rankings`` of the same documents, to pick several budgets' sets from one fit.
+    Returns (streams, info) with info[owner] = {"proxy_docs", "proxy_bytes", "budget_bytes",
+    "classifier_train_accuracy", "proxy_indices"} (indices into ``public``).
+    """
+    if rankings is None:
+        rankings = owner_rankings(tokenizer, public, owners, cfg, embedder)
+    streams, info = {}, {}
+    for name, docs in owners.items():
+        idx = select_from_ranking(rankings[name], public, docs, cfg.proxy_fraction, cfg.proxy_selection)
+        chosen = [public[i] for i in idx]
         streams[name] = encode_documents(tokenizer, chosen)
         info[name] = {"proxy_docs": len(chosen), "proxy_bytes": sum(len(d.encode()) for d in chosen),
                       "budget_bytes": proxy_budget(docs, cfg.proxy_fraction),
-                      "classifier_train_accuracy": ps.train_accuracy, "proxy_indices": ps.indices}
+                      "classifier_train_accuracy": rankings[name].train_accuracy, "proxy_indices": idx}
     streams["public"] = encode_documents(tokenizer, sample_documents(public, cfg.public_docs, cfg.seed + 1))
     return streams, info
 
@@ -95,9 +109,15 @@ def run_router_tuning(model: FlexOlmoLM, tokenizer, public: list[str], owners: d
         embedder = expert_submodel(model, [0])
     streams, info = tuning_streams(tokenizer, public, owners, cfg, embedder)
     assert names <= set(streams)
-    losses = tune_router(model, streams, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                         lr=cfg.lr, seed=cfg.seed, progress=progress)
+    losses = tune_router_with(model, streams, cfg, progress)
     return {"losses": losses, "proxy": info, "config": cfg.to_dict()}
+
+
+def tune_router_with(model: FlexOlmoLM, streams: dict[str, torch.Tensor], cfg: RouterTuningConfig,
+                     progress: bool = True) -> list[float]:
+    """``tune_router`` with ``cfg``'s steps, batch, window, lr and seed (the demo's RT, its sweep, tune-router)."""
+    return tune_router(model, streams, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                       lr=cfg.lr, seed=cfg.seed, progress=progress)
 
 
 def proxy_streams(tokenizer, public: list[str], owners: dict[str, list[str]], proxy_docs: int = 4,

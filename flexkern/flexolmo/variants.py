@@ -22,9 +22,11 @@
                   of the sentence embedder (the anchor re-saved with that public row: anchor_hidden/).
     rt-ceiling    diagnostics, not the method: the base merged model router-tuned on the owners'
                   *closed* data (which the method never may see; how good can a tuned router get?)
-                  and for 10x the steps, on the proxy sets, on 10x larger proxy sets and on the
-                  closed data; plus the best single model per document chosen in hindsight (how
+                  and for 10x the steps, on the proxy sets, on 10x larger ranked proxy sets and on
+                  the closed data; plus the best single model per document chosen in hindsight (how
                   good are the experts?).
+    proxy-sweep   router tuning with proxy sets of several budgets on every seed's merged model,
+                  against no RT and BTM top-2 (proxy_sweep.py; a table and proxy_sweep.png).
     routing       evaluation only: the base models with renormalised top-k and with every expert, and
                   a linear probe of the router's input (can one token's h tell its domain? probe.py).
     seeds         the owners trained again with seeds 1..N-1 (merged and router-tuned each), for the
@@ -270,6 +272,9 @@ def variant_stage(variant: str, st: dict):
         return _rt_ceiling_stage(st)
     if variant == "routing":
         return _routing_stage(st)
+    if variant == "proxy-sweep":
+        from .proxy_sweep import proxy_sweep_stage
+        return proxy_sweep_stage(st)
     anchor_dir = st["anchor_dir"]
     if variant == "anchor-init":
         with timer("anchor_hidden (anchor-init)"):
@@ -316,7 +321,7 @@ def _rt_ceiling_stage(st: dict):
             st["router_tuned"](out, base, st["streams"], long_cfg, timer, log, name="diag_rt_long"),
         f"diagnostic: RT for {long_cfg.rt_steps} steps on the closed data (not private), top-{h}":
             st["router_tuned"](out, base, closed, long_cfg, timer, log, name="diag_rt_closed_long"),
-        f"diagnostic: RT for {long_cfg.rt_steps} steps on ranked proxy sets of {WIDE_PROXY:.0%} (not <<1%), top-{h}":
+        wide_label(long_cfg.rt_steps, wide_fraction(cfg), h):
             st["router_tuned"](out, base, wide, long_cfg, timer, log, name="diag_rt_wide_proxy"),
     }
 
@@ -329,11 +334,21 @@ def _rt_ceiling_stage(st: dict):
     return evaluate, {ORACLE: "rt-ceiling", **{label: "rt-ceiling" for label in tuned}}
 
 
-WIDE_PROXY = 0.10  # the rt-ceiling's larger proxy sets: 10% of each owner's bytes instead of 1%, all ranked
+WIDE_PROXY = 10  # the rt-ceiling's larger proxy sets: 10x the run's budget (at most all), ranked
+
+
+def wide_fraction(cfg) -> float:
+    return min(1.0, WIDE_PROXY * cfg.rt_proxy_fraction)
+
+
+def wide_label(steps: int, fraction: float, top_k: int) -> str:
+    """The rt-ceiling row of router tuning on the larger ranked proxy sets."""
+    return (f"diagnostic: RT for {steps} steps on {WIDE_PROXY}x larger ranked proxy sets ({fraction:.0%} of the "
+            f"owner's bytes), top-{top_k}")
 
 
 def _wide_proxy_streams(out, tok, corpora, cfg, timer) -> dict:
-    """Proxy sets picked as the method's, with a 10x budget (cached in diag_wide_proxy.pt)."""
+    """Proxy sets picked as the method's, ranked, with a 10x budget (cached in diag_wide_proxy.pt)."""
     import dataclasses
 
     from .checkpoint import atomic_path
@@ -344,9 +359,9 @@ def _wide_proxy_streams(out, tok, corpora, cfg, timer) -> dict:
         return torch.load(cache, weights_only=True)
     from .demo import rt_config
     with timer("proxy sets (diag_wide_proxy)"):
-        # ranked as the paper's (top-scoring public documents): with the method's threshold
-        # (classified as the owner's) every owner here gets its single top document, whatever the budget
-        c = dataclasses.replace(rt_config(cfg), proxy_fraction=WIDE_PROXY, proxy_min_score=None)
+        # ranked whatever the run's selection: thresholded, every owner here gets its single top
+        # document, whatever the budget
+        c = dataclasses.replace(rt_config(cfg), proxy_fraction=wide_fraction(cfg), proxy_selection="ranked")
         streams, _ = tuning_streams(tok, corpora.public_docs(), corpora.owners, c)
     with atomic_path(cache) as tmp:
         torch.save(streams, tmp)
