@@ -101,3 +101,84 @@ def test_moe_controls():
     model.set_top_k(2)
     model.set_expert_mask([True, False, True])
     assert all(m.expert_mask.tolist() == [True, False, True] for m in model.moe_layers())
+
+
+# ---- grouped-query attention ----------------------------------------------------------------------------
+GQA = ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6, n_kv_heads=2, d_ff=64, seq_len=24)
+
+
+def test_gqa_config():
+    assert MICRO.n_kv_heads == MICRO.n_heads and MICRO.kv_dim == MICRO.d_model
+    old = {k: v for k, v in MICRO.to_dict().items() if k != "n_kv_heads"}  # files written before GQA
+    assert ModelConfig.from_dict(old) == MICRO and ModelConfig.from_dict(GQA.to_dict()) == GQA
+    assert GQA.kv_dim == 16 and GQA.with_experts(3, 2).dense() == GQA
+    for bad in (0, 4, 7, True, 2.0, 5000):
+        with pytest.raises(ValueError, match="n_kv_heads"):
+            dataclasses.replace(GQA, n_kv_heads=bad)
+    for cfg in (GQA, GQA.with_experts(3, 2), MICRO):
+        assert cfg.num_parameters() == sum(p.numel() for p in FlexOlmoLM(cfg).parameters())
+
+
+def _repeated_heads(gqa: FlexOlmoLM) -> FlexOlmoLM:
+    """The same network as multi-head attention: every key/value head copied to its query heads."""
+    cfg = gqa.config
+    mha = FlexOlmoLM(dataclasses.replace(cfg, n_kv_heads=cfg.n_heads)).to(gqa.lm_head.weight.dtype)
+    hd, rep = cfg.d_model // cfg.n_heads, cfg.n_heads // cfg.n_kv_heads
+    state = {}
+    for k, v in gqa.state_dict().items():
+        if k.endswith(("k_proj.weight", "v_proj.weight", "k_norm.weight")):
+            v = v.reshape(cfg.n_kv_heads, hd, *v.shape[1:]).repeat_interleave(rep, 0).reshape(cfg.d_model, *v.shape[1:])
+        state[k] = v
+    mha.load_state_dict(state)
+    return mha
+
+
+def test_gqa_equals_repeated_heads_with_gradients():
+    """Query head h reads key/value head h // (H / G) (transformers' repeat_kv); the gradient of a
+    shared key/value weight is the sum over its copies."""
+    gqa = FlexOlmoLM(GQA).double()
+    with torch.no_grad():
+        for name, p in gqa.named_parameters():
+            p.normal_(0.0, 0.3) if "norm" not in name else p.uniform_(0.5, 1.5)
+    mha = _repeated_heads(gqa)
+    ids = _ids(GQA, B=2, S=GQA.seq_len)
+    out_g, out_m = gqa(ids), mha(ids)
+
+    def close(a, b):  # RMSNorm reduces in float32 (over G vs H heads here): float32 rounding, no more
+        assert (a - b).abs().max() <= 32 * torch.finfo(torch.float32).eps * b.abs().max()
+
+    close(out_g, out_m)
+    out_g.square().mean().backward()
+    out_m.square().mean().backward()
+    G, hd, rep = GQA.n_kv_heads, GQA.d_model // GQA.n_heads, GQA.n_heads // GQA.n_kv_heads
+    for name in ("k_proj.weight", "v_proj.weight", "k_norm.weight", "q_proj.weight"):
+        g = gqa.get_parameter(f"blocks.1.attn.{name}").grad
+        m = mha.get_parameter(f"blocks.1.attn.{name}").grad
+        if not name.startswith("q"):
+            m = m.reshape(G, rep, hd, *m.shape[1:]).sum(1).reshape(g.shape)
+        close(g, m)
+    # causal too
+    ids2 = ids.clone()
+    ids2[:, 10:] = (ids2[:, 10:] + 1) % GQA.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(ids2)[:, :10], out_g.detach()[:, :10])
+
+
+def test_model_dir_without_n_kv_heads_loads_bit_identical(tmp_path):
+    """A config.json written before the field existed gives the same model, bit for bit."""
+    import json
+
+    from flexkern.flexolmo.checkpoint import read_model_dir, write_model_dir
+    from flexkern.flexolmo.tokenizer import save_tokenizer, train_tokenizer
+
+    t = train_tokenizer([f"text {i} with words" for i in range(50)], vocab_size=MICRO.vocab_size)
+    tok = save_tokenizer(t, tmp_path / "tokenizer.json")
+    cfg = dataclasses.replace(MICRO, vocab_size=t.get_vocab_size())
+    model = FlexOlmoLM(cfg).eval()
+    d = write_model_dir(tmp_path / "anchor", model, tok, torch.randn(cfg.d_model), "test")
+    conf = json.loads((d / "config.json").read_text())
+    assert conf.pop("n_kv_heads") == cfg.n_heads
+    (d / "config.json").write_text(json.dumps(conf))
+    back, _ = read_model_dir(d)
+    ids = _ids(cfg)
+    assert back.config == cfg and torch.equal(back(ids), model(ids))

@@ -1,12 +1,14 @@
 """FlexOlmoLM: a small OLMo-2-style decoder whose FFN is dense (the anchor) or a FlexMoE.
 
-Shapes: B batch, S sequence, D d_model, H heads, V vocabulary, E experts.
+Shapes: B batch, S sequence, D d_model, H heads, G key/value heads, V vocabulary, E experts.
 
 OLMo-2 "reordered" post-norm: each residual branch is normalised *after* its sublayer,
     h   = x + attn_norm(attn(x))
     out = h + ffn_norm(ffn(h))
 so the router and the experts see the raw residual stream h. Attention has QK-norm (RMSNorm over
-the full q and k projections) and RoPE; the FFN is SwiGLU; the LM head is untied.
+the full q and k projections) and RoPE; the FFN is SwiGLU; the LM head is untied. Grouped-query
+attention (``n_kv_heads`` < ``n_heads``, as OLMo-2 32B): G key/value heads, each shared by H / G
+consecutive query heads; k_proj, v_proj and k_norm are then G * D / H wide.
 
 Parameter names (the package / merge code relies on them):
     embed.weight, blocks.{i}.attn.{q,k,v,o}_proj.weight, blocks.{i}.attn.{q,k}_norm.weight,
@@ -30,7 +32,7 @@ from ..nn import FlexMoE
 # Upper bounds for every size field: a config read from a file (manifest.json, config.json) is
 # checked against them before anything is allocated, so a forged file cannot ask for terabytes.
 CONFIG_LIMITS = {"vocab_size": 1 << 21, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024,
-                 "d_ff": 1 << 18, "seq_len": 1 << 20, "num_experts": 1024}
+                 "n_kv_heads": 1024, "d_ff": 1 << 18, "seq_len": 1 << 20, "num_experts": 1024}
 MAX_PARAMETERS = 1 << 34  # 17e9 parameters (68 GB in float32)
 
 
@@ -46,9 +48,13 @@ class ModelConfig:
     top_k: int = 1
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    n_kv_heads: int | None = None  # key/value heads; None = n_heads (files written before GQA lack it)
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "num_experts", "top_k"):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "seq_len",
+                     "num_experts", "top_k"):
             v, lo = getattr(self, name), 0 if name == "num_experts" else 1
             hi = CONFIG_LIMITS.get(name, CONFIG_LIMITS["num_experts"])
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -59,6 +65,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a number in (0, {hi:g}), got {v!r}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"d_model={self.d_model} must split into {self.n_heads} heads of even width")
+        if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (each key/value "
+                             "head serves n_heads / n_kv_heads query heads)")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
         if self.num_parameters() > MAX_PARAMETERS:
@@ -68,8 +77,15 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count, computed from the sizes alone (nothing is allocated)."""
         D, F, L, E = self.d_model, self.d_ff, self.n_layers, max(1, self.num_experts)
+        kv = self.kv_dim
         ffn = E * 3 * D * F + (E * D + E if self.num_experts else 0)
-        return 2 * self.vocab_size * D + L * (4 * D * D + 4 * D + ffn) + D
+        attn = 2 * D * D + 2 * D * kv + 3 * D + kv  # q, o; k, v; q_norm + attn_norm + ffn_norm; k_norm
+        return 2 * self.vocab_size * D + L * (attn + ffn) + D
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the k and v projections: n_kv_heads * head width (d_model without GQA)."""
+        return self.n_kv_heads * (self.d_model // self.n_heads)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,22 +156,26 @@ def apply_rope(x_BHSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor)
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        D = cfg.d_model
-        self.n_heads = cfg.n_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
-        self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)
+        D, KV = cfg.d_model, cfg.kv_dim
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        # registered q, k, v, o: the order _init_weights draws them in (seeded models stay the same)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, n, bias=False) for n in (D, KV, KV, D))
+        self.q_norm, self.k_norm = RMSNorm(D, cfg.norm_eps), RMSNorm(KV, cfg.norm_eps)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        H = self.n_heads
+        H, G = self.n_heads, self.n_kv_heads
 
-        def heads(t):  # (B, S, D) -> (B, H, S, D/H)
-            return t.view(B, S, H, D // H).transpose(1, 2)
+        def heads(t, n):  # (B, S, n * D/H) -> (B, n, S, D/H)
+            return t.view(B, S, n, D // H).transpose(1, 2)
 
-        q = apply_rope(heads(self.q_norm(self.q_proj(x_BSD))), cos[:S], sin[:S])
-        k = apply_rope(heads(self.k_norm(self.k_proj(x_BSD))), cos[:S], sin[:S])
-        v = heads(self.v_proj(x_BSD))
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q = apply_rope(heads(self.q_norm(self.q_proj(x_BSD)), H), cos[:S], sin[:S])
+        k = apply_rope(heads(self.k_norm(self.k_proj(x_BSD)), G), cos[:S], sin[:S])
+        v = heads(self.v_proj(x_BSD), G)
+        if G == H:  # the plain call (and its numerics) whenever there is no grouping
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query head h reads key/value head h // (H / G), as transformers' repeat_kv
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, D))
 
 
