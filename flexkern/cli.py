@@ -10,6 +10,8 @@
     flexkern tune-router --model runs/merged --owner code=code --out runs/merged-rt
     flexkern export-hf --model runs/merged --out runs/merged-hf    transformers checkpoint (FlexOlmo)
     flexkern import-hf path/to/flexolmo-hf --out runs/imported    and back
+    flexkern import-hf path/to/olmo2-hf --public encyclopedia --out runs/anchor    OLMo-2 as the anchor
+    flexkern package --model runs/imported --expert math --out runs/experts/math.flexpert   one expert out
     flexkern attribute --model runs/merged --text "def f(x):" --out runs/att     per-token provenance
     flexkern generate --model runs/merged --prompt "The law" [--opt-out legal]
 
@@ -321,19 +323,45 @@ def _export_hf_run(a) -> int:
 
 
 def _import_hf_check(a) -> None:
-    from .flexolmo.checkpoint import read_json
+    from .flexolmo.hf_import import check_import_options, read_import_config
     d = _folder("DIR", a.dir, "config.json", "a transformers checkpoint folder")
-    cfg = read_json(d / "config.json")
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "flex_olmo":
-        found = cfg.get("model_type") if isinstance(cfg, dict) else None
-        raise ValueError(f"{d} is not a transformers FlexOlmo checkpoint (config.json model_type {found!r}, "
-                         "expected 'flex_olmo')")
-    _check_out(a.out, "merged", a.overwrite, [a.dir])
+    kind, cfg = read_import_config(d)  # "merged" (FlexOlmo) or "anchor" (OLMo-2); sizes within bounds
+    check_import_options(kind, cfg, names=a.names, public=a.public, public_row_from=a.public_row_from,
+                         embed_method=a.embed_method)
+    for s in a.public or ():
+        _source("--public", s)
+    if a.public_row_from is not None:
+        _model_dir("--public-row-from", a.public_row_from)
+    _check_device(a.device)
+    _check_out(a.out, kind, a.overwrite, [a.dir, *_folders(a.public), *filter(None, [a.public_row_from])])
 
 
 def _import_hf_run(a) -> int:
     from .flexolmo.hf import import_hf
-    print(f"wrote {import_hf(a.dir, a.out, names=a.names, overwrite=a.overwrite)}")
+    out = import_hf(a.dir, a.out, names=a.names, overwrite=a.overwrite, public=a.public,
+                    public_row_from=a.public_row_from, embed_method=a.embed_method, embed_docs=a.embed_docs,
+                    max_bytes=a.max_bytes, device=a.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def _package_check(a) -> None:
+    from .flexolmo.package import check_name, package_path
+    names = _model_names(a)
+    if len(names) == 1:
+        raise ValueError(f"--model {a.model} is a dense model (an anchor); it holds no owner expert to package")
+    if a.expert == names[0]:
+        raise ValueError(f"--expert {a.expert}: the public expert is the anchor's FFN, not a package "
+                         "(merge takes it from --anchor)")
+    if a.expert not in names:
+        raise ValueError(f"--expert {a.expert!r}: no such expert in {a.model}; experts: {', '.join(names)}")
+    name = check_name(a.name if a.name is not None else a.expert)
+    _check_out(package_path(a.out, name), "package", a.overwrite, [a.model])
+
+
+def _package_run(a) -> int:
+    from .flexolmo.merge import extract_package
+    print(f"wrote {extract_package(a.model, a.expert, a.out, name=a.name, overwrite=a.overwrite)}")
     return 0
 
 
@@ -554,18 +582,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=POS_INT, default=DEMO.eval_tokens,
                    help="held-out tokens per domain for --bias-cost")
 
-    p = _command(sub, "import-hf", help="read a transformers FlexOlmo checkpoint into a model directory",
-                 description="Read a transformers FlexOlmoForCausalLM checkpoint folder (safetensors) into a "
-                             "flexkern merged model directory, public expert = expert 0, router biases 0, so "
-                             "evaluate, opt-out, opt-in and the packages work on it. Refuses what flexkern's "
-                             "model cannot express exactly (other architectures, grouped-query attention, RoPE "
-                             "scaling, missing or misshapen tensors).",
+    p = _command(sub, "import-hf", help="read a transformers FlexOlmo or OLMo-2 checkpoint into a model directory",
+                 description="Read a transformers checkpoint folder (safetensors) into a flexkern model directory. "
+                             "FlexOlmoForCausalLM -> a merged model, public expert = expert 0, router biases 0, so "
+                             "evaluate, opt-out, opt-in and package work on it. Olmo2ForCausalLM (dense) -> an "
+                             "anchor, so owners can train-expert from a real OLMo-2; its public router row is the "
+                             "mean embedding of --public documents, or the row of --public-row-from MODEL (e.g. an "
+                             "imported owner model, so its packages merge onto this anchor). Grouped-query "
+                             "attention is read as is. Refuses what flexkern's model cannot express exactly (other "
+                             "architectures, RoPE scaling, attention biases, sizes beyond its bounds) and bad "
+                             "checkpoints (missing, misshapen or unexpected tensors, NaN or infinite weights, a "
+                             "shard index naming files outside the folder or missing ones), naming file and field.",
                  check=_import_hf_check, run=_import_hf_run, interrupted=_atomic)
     p.add_argument("dir", metavar="DIR", help="transformers checkpoint folder (config.json, safetensors, tokenizer.json)")
-    _add_out(p, "merged", "model directory to write")
+    _add_out(p, "merged model (FlexOlmo) or anchor (OLMo-2)", "model directory to write")
     p.add_argument("--names", nargs="+", default=None, metavar="NAME",
-                   help="expert names, 'public' first (default: the names an export recorded, else "
+                   help="FlexOlmo: expert names, 'public' first (default: the names an export recorded, else "
                         "public expert_1 expert_2 ...)")
+    p.add_argument("--public", nargs="+", default=None, metavar="SOURCE",
+                   help=f"OLMo-2: public data for the public router row, each {SOURCE_HELP} (its training "
+                        "split; default: none, then --public-row-from is needed)")
+    p.add_argument("--public-row-from", default=None, metavar="MODEL",
+                   help="OLMo-2: take the public router row from this flexkern model directory instead "
+                        "(default: none)")
+    p.add_argument("--embed-method", default="anchor", choices=("anchor", "minilm"),
+                   help="OLMo-2 with --public: embed documents with the model's own mean-pooled hidden states, "
+                        "or MiniLM (only when d_model is 384); owners' rows then use the same")
+    p.add_argument("--embed-docs", type=POS_INT, default=256, help="OLMo-2 with --public: documents embedded")
+    p.add_argument("--max-bytes", type=POS_INT, default=None,
+                   help="OLMo-2 with --public: bytes per public source (default: all)")
+    p.add_argument("--device", type=_device, default="cpu", help="where the public documents are embedded")
+
+    p = _command(sub, "package", help="write one owner expert of a merged model as an expert package",
+                 description="Take expert NAME (its FFN in every layer, router row and bias) out of a merged model "
+                             "directory, e.g. a released 2-expert owner model read with import-hf, as a NAME.flexpert "
+                             "package. It records the model's anchor fingerprint (shared weights), public router "
+                             "row, tokenizer and public expert, so merge --anchor refuses it onto an anchor they do "
+                             "not match. A router-tuned model (public rows differ per layer) is refused.",
+                 check=_package_check, run=_package_run, interrupted=_atomic)
+    p.add_argument("--model", required=True, help="merged model directory")
+    p.add_argument("--expert", required=True, metavar="NAME", help="the owner expert to take out")
+    _add_out(p, "package", "the NAME.flexpert folder, or a folder to put it in")
+    p.add_argument("--name", default=None, help="the package's expert name (default: the --expert NAME)")
     return parser
 
 

@@ -12,6 +12,8 @@ A model directory holds:
     tokenizer.json                 the anchor's tokenizer
     public_embedding.safetensors   {"embedding": (D,)} the public router row (+ metadata "method")
     experts.json                   merged models only: {"experts": [names], "anchor_fingerprint": ...}
+    hf_import.json                 anchors imported from transformers only: where from, dtype, how
+                                   the public row was made (written with ``files=``)
     .flexkern-artifact             the marker (below)
 
 Output paths (every writer: write_model_dir, save_package, merge, opt_out, opt_in, train_anchor,
@@ -492,11 +494,12 @@ def model_kind(model: FlexOlmoLM) -> str:
 
 def write_model_dir(out_dir, model: FlexOlmoLM, tokenizer_json: str | Path, public_embedding: torch.Tensor,
                     embed_method: str, experts: dict | None = None, *, overwrite: bool = False, inputs=(),
-                    kind: str | None = None) -> Path:
+                    kind: str | None = None, files: dict[str, object] | None = None) -> Path:
     """Write a complete model directory atomically (see the module docstring).
 
     ``out_dir`` must be free, an empty folder, or (``overwrite=True``) a flexkern model directory of
     the same ``kind`` (default: model_kind(model)); ``inputs`` are paths it must not overlap.
+    ``files``: more JSON files written into the folder ({file name: object}, e.g. import notes).
     Refuses NaN/inf weights and a tokenizer that does not load; records the tokenizer's sha256."""
     out_dir = Path(out_dir)
     kind = kind or model_kind(model)
@@ -516,6 +519,11 @@ def write_model_dir(out_dir, model: FlexOlmoLM, tokenizer_json: str | Path, publ
         save_tensors(tmp / EMBEDDING_FILE, {"embedding": row}, {"method": embed_method})
         if experts is not None:
             write_json(tmp / EXPERTS_FILE, experts)
+        for name, obj in (files or {}).items():
+            if Path(name).name != name or name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, EMBEDDING_FILE,
+                                                   EXPERTS_FILE, ARTIFACT_FILE):
+                raise ValueError(f"files: {name!r} is not a free file name in a model directory")
+            write_json(tmp / name, obj)
     return out_dir
 
 

@@ -15,17 +15,26 @@ equal to, inside or containing an input is refused before any work (checkpoint.p
 
 Opt-out two ways, with the same outputs: ``mask_experts`` (inference-time mask; the softmax skips
 the expert) or ``opt_out`` (a new checkpoint without the expert's weights).
+
+The inverse of merge: ``extract_package`` writes one owner expert of a merged model (e.g. a released
+2-expert owner model read with import_hf) as a package, recording what merge checks: the model's
+anchor fingerprint, dense config, public router row, tokenizer, and the sha256 of its public expert
+(``public_expert_sha256``), which must then be the anchor's dense FFN. A model whose layers' public
+router rows are not all its public row (router-tuned) is refused: its owner rows were fitted against
+other public rows, so on the anchor they would route differently.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
-from .checkpoint import (CheckpointError, TOKENIZER_FILE, claim_output, file_sha256, read_model_dir,
-                         read_public_embedding, write_model_dir)
+from .checkpoint import (CheckpointError, EMBEDDING_FILE, TOKENIZER_FILE, claim_output, file_sha256,
+                         read_model_dir, read_public_embedding, write_model_dir)
 from .model import FlexOlmoLM, ModelConfig, anchor_fingerprint, shared_state_dict, tensor_sha256
-from .package import PARTS, PackageError, check_name, load_package
+from .package import KIND as PACKAGE_KIND
+from .package import PARTS, PackageError, check_name, load_package, package_path, save_package
 
 KIND = "merged"
 
@@ -64,6 +73,16 @@ def expert_tensors(model: FlexOlmoLM, index: int) -> dict[str, torch.Tensor]:
     if not out:
         raise ValueError("expected an MoE model")
     return {k: v.detach().cpu().clone() for k, v in out.items()}
+
+
+def public_expert_sha256(expert: dict[str, torch.Tensor]) -> str:
+    """sha256 over the FFN tensors (names and bytes, router parts left out) of an expert in package
+    layout: the public expert an extracted package ran beside, which merge compares with the anchor's."""
+    h = hashlib.sha256()
+    for k in sorted(expert):
+        if not k.endswith(("router_row", "router_bias")):
+            h.update(f"{k}|{expert[k].dtype}|{tensor_sha256(expert[k])}|".encode())
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -138,7 +157,7 @@ def _tokenizer_sha(model_dir) -> str:
 
 
 def _check_package(path, tensors, manifest, anchor_fp: str, dense_cfg: ModelConfig, public_sha: str,
-                   tokenizer_sha: str | None = None) -> None:
+                   tokenizer_sha: str | None = None, public_ffn_sha: str | None = None) -> None:
     name = manifest["name"]
     if manifest.get("anchor_fingerprint") != anchor_fp:
         raise MergeError(f"package {name!r} ({path}) was trained from a different anchor: its anchor "
@@ -153,16 +172,21 @@ def _check_package(path, tensors, manifest, anchor_fp: str, dense_cfg: ModelConf
     if pkg_tok is not None and tokenizer_sha is not None and pkg_tok != tokenizer_sha:
         raise MergeError(f"package {name!r} ({path}) was trained with another tokenizer than the model's "
                          f"{TOKENIZER_FILE} (sha256 {pkg_tok[:12]}... != {tokenizer_sha[:12]}...)")
+    pkg_pub = manifest.get("public_expert_sha256")
+    if pkg_pub is not None and public_ffn_sha is not None and pkg_pub != public_ffn_sha:
+        raise MergeError(f"package {name!r} ({path}) was taken from a model whose public expert (FFN) is not "
+                         "this model's public FFN; its expert ran beside another public expert")
 
 
-def _read_packages(paths, anchor_fp, dense_cfg, public_sha, taken_names, taken_hashes, tokenizer_sha=None):
+def _read_packages(paths, anchor_fp, dense_cfg, public_sha, taken_names, taken_hashes, tokenizer_sha=None,
+                   public_ffn_sha=None):
     out = []
     for path in paths:
         try:
             tensors, manifest = load_package(path)
         except PackageError as exc:
             raise MergeError(f"cannot merge: {exc}") from None
-        _check_package(path, tensors, manifest, anchor_fp, dense_cfg, public_sha, tokenizer_sha)
+        _check_package(path, tensors, manifest, anchor_fp, dense_cfg, public_sha, tokenizer_sha, public_ffn_sha)
         name = manifest["name"]
         if name in taken_names:
             raise MergeError(f"duplicate expert name {name!r} ({path}); each expert is merged once")
@@ -199,7 +223,8 @@ def merge(anchor_dir, package_paths, out_dir, top_k: int | None = None, *, overw
             raise MergeError(f"{anchor_dir} is already a merged model; use opt_in to add packages")
         fp = anchor_fingerprint(anchor)
         public_row, method, public_sha = _public_sha(anchor_dir)
-        pkgs = _read_packages(package_paths, fp, anchor.config, public_sha, set(), {}, _tokenizer_sha(anchor_dir))
+        pkgs = _read_packages(package_paths, fp, anchor.config, public_sha, set(), {}, _tokenizer_sha(anchor_dir),
+                              public_expert_sha256(dense_expert_tensors(anchor, public_row)))
         E = len(pkgs) + 1
         top_k = min(2, E) if top_k is None else top_k
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
@@ -249,7 +274,8 @@ def opt_in(model_dir, package_path, out_dir, *, overwrite: bool = False) -> Path
             t = expert_tensors(model, e)
             taken[tuple(sorted((k, tensor_sha256(v)) for k, v in t.items()))] = names[e]
         [(name, tensors, manifest)] = _read_packages([Path(package_path)], fp, model.config.dense(), public_sha,
-                                                      set(names), taken, _tokenizer_sha(model_dir))
+                                                      set(names), taken, _tokenizer_sha(model_dir),
+                                                      public_expert_sha256(expert_tensors(model, 0)))
         for i, m in enumerate(model.moe_layers()):
             m.add_expert(*(tensors[f"layers.{i}.{p}"] for p in PARTS))
         model.config = model.config.with_experts(len(names) + 1, model.config.top_k)
@@ -269,3 +295,39 @@ def mask_experts(model: FlexOlmoLM, names_to_mask, expert_names: list[str]) -> t
     mask_E = torch.tensor([n not in names_to_mask for n in expert_names], dtype=torch.bool)
     model.set_expert_mask(mask_E)
     return mask_E
+
+
+def extract_package(model_dir, expert: str, out_path, *, name: str | None = None, overwrite: bool = False) -> Path:
+    """Write owner expert ``expert`` of a merged model directory as a package (module docstring);
+    ``name``: the package's expert name (default ``expert``); ``out_path``: the ``.flexpert``
+    folder, or a folder to put ``NAME.flexpert`` in. Returns the package path."""
+    from .commands import expert_names
+
+    names = expert_names(model_dir)  # cheap checks first (experts.json only): nothing is written when they fail
+    if len(names) == 1:
+        raise MergeError(f"{model_dir} is a dense model (an anchor); it holds no owner expert to package")
+    if expert == PUBLIC:
+        raise MergeError("the public expert is the anchor's FFN, not a package; merge takes it from --anchor")
+    if expert not in names:
+        raise MergeError(f"no expert named {expert!r} in {model_dir}; experts: {names}")
+    name = check_name(expert if name is None else name)
+    out = package_path(out_path, name)
+    with claim_output(out, PACKAGE_KIND, overwrite=overwrite, inputs=[model_dir]):
+        model, names, info = _load(model_dir)
+        row, method, public_sha = _public_sha(model_dir)
+        for i, m in enumerate(model.moe_layers()):
+            if not torch.equal(m.router.weight[0].detach().float().cpu(), row):
+                raise MergeError(f"{model_dir}: the public router row of layer {i} is not the model's public row "
+                                 f"({EMBEDDING_FILE}), as after router tuning; its owner rows were fitted against "
+                                 "other public rows, so a package of them would route differently on the anchor")
+        summary = (info.get("packages") or {}).get(expert) or {}
+        manifest = {"name": name, "source": f"expert {expert!r} of {model_dir}", "config": model.config.dense().to_dict(),
+                    "anchor_fingerprint": anchor_fingerprint(model), "public_row_sha256": public_sha,
+                    "embed_method": method, "tokenizer_sha256": _tokenizer_sha(model_dir),
+                    "public_expert_sha256": public_expert_sha256(expert_tensors(model, 0)),
+                    "training": "extracted from a merged model"}
+        for k in ("tokens_seen", "steps"):  # what the model recorded of the package it came from
+            if isinstance(summary.get(k), int) and not isinstance(summary.get(k), bool) and summary[k] >= 0:
+                manifest[k] = summary[k]
+        return save_package(out, expert_tensors(model, names.index(expert)), manifest, overwrite=overwrite,
+                            inputs=[model_dir])

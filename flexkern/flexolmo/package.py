@@ -8,7 +8,8 @@ A package is a folder ``NAME.flexpert/`` with
     manifest.json        format, format_version, name, source, tokens_seen, steps, config (the
                          anchor's dense ModelConfig), anchor_fingerprint, public_row_sha256 (the
                          frozen public router row the owner trained against), embed_method,
-                         tensors: {name: {sha256, shape, dtype}}
+                         tensors: {name: {sha256, shape, dtype}}; a package extracted from a
+                         merged model also public_expert_sha256 (merge.extract_package)
     .flexkern-artifact   the marker (kind "package"; see checkpoint.py for the output rules)
 The folder is written atomically. On load, before any tensor data is read: the manifest's structure
 and every field (the config against ModelConfig's bounds, the tensor table's names, shapes and one
@@ -38,7 +39,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 # optional manifest fields and their JSON types (bool is not an int here)
 _OPTIONAL = {"source": str, "tokens_seen": int, "steps": int, "public_row_sha256": str, "embed_method": str,
-             "tokenizer_sha256": str, "training": str}
+             "tokenizer_sha256": str, "training": str, "public_expert_sha256": str}
 
 
 class PackageError(ValueError):
