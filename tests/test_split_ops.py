@@ -3,6 +3,7 @@ every gradient), gradcheck, opcheck, poisoned padding rows and edge cases."""
 import os
 
 import torch
+import torch.utils._python_dispatch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are built
@@ -11,6 +12,7 @@ import pytest  # noqa: E402
 
 import flexkern  # noqa: E402
 from flexkern.ops import backend, experts_swiglu_grouped, permute, unpermute  # noqa: E402
+from flexkern.ops import offsets_from_counts as ops_offsets  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -149,11 +151,50 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="offsets must have shape"):
         experts_swiglu_grouped(permute(x, d), wg, wu, wd, d.offsets_E1[:-1])
     with pytest.raises(TypeError, match="offsets has dtype"):
-        experts_swiglu_grouped(permute(x, d), wg, wu, wd, d.offsets_E1.int())
+        experts_swiglu_grouped(permute(x, d), wg, wu, wd, d.offsets_E1.float())
     with pytest.raises(ValueError, match="o must have shape"):
         unpermute(x, d, w)
     with pytest.raises(TypeError, match="dispatch must be"):
         unpermute(permute(x, d), d.tensors(), w)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.ops.append((str(func.overloadpacket.__name__), 0 if first is None else first.numel()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_grouped_takes_engine_layouts_without_copies():
+    """Flattened / transposed weight views (OLMo-core's (E*F, D) w1/w3 and w2 read as w2^T) and
+    int32 counts: the same result as contiguous weights and int64 offsets, no aten copy of a
+    weight, and gradients back in the views' layout."""
+    E, F, D, N = 3, 6, 5, 10
+    w1 = torch.randn(E * F, D, dtype=torch.float64, requires_grad=True)
+    w3 = torch.randn(E * F, D, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(E * F, D, dtype=torch.float64, requires_grad=True)
+    gate, up, down = w1.view(E, F, D), w3.view(E, F, D), w2.view(E, F, D).transpose(1, 2)
+    counts = torch.tensor([4, 0, 5], dtype=torch.int32)  # an empty expert, a padding row
+    offsets = ops_offsets(counts)
+    assert offsets.dtype == torch.int64 and offsets.tolist() == [0, 4, 4, 9]
+    x = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    offsets32 = offsets.int()
+    with _CountOps() as counted:
+        o = experts_swiglu_grouped(x, gate, up, down, offsets32)
+    copies = [(op, n) for op, n in counted.ops if op in ("clone", "contiguous", "_to_copy", "copy_")]
+    assert all(n <= E + 1 for _, n in copies), copies  # only the (E+1) offsets, never a weight
+    want = experts_swiglu_grouped(x, gate.contiguous(), up.contiguous(), down.contiguous(), offsets)
+    torch.testing.assert_close(o, want, rtol=1e-12, atol=1e-12)
+    o.square().sum().backward()
+    for w in (w1, w2, w3, x):
+        assert w.grad is not None and w.grad.shape == w.shape and torch.isfinite(w.grad).all()
+    assert torch.count_nonzero(w1.grad[F:2 * F]) == 0  # the empty expert gets no gradient
+    with pytest.raises(TypeError, match="counts"):
+        ops_offsets(torch.tensor([1.0, 2.0]))
 
 
 def test_triton_interpreter_split_equals_fused(monkeypatch):

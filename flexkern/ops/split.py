@@ -231,6 +231,16 @@ def unpermute(o_ND: torch.Tensor, dispatch: Dispatch, weights_TK: torch.Tensor,
     return _unpermute_op(o_ND.contiguous(), *tensors[1:], weights_TK.contiguous(), _backend.requested(backend))
 
 
+def offsets_from_counts(counts_E: torch.Tensor) -> torch.Tensor:
+    """int64 (E+1,) offsets [0, c0, c0+c1, ...] of per-expert row counts (any integer dtype, the
+    engines' int32 too), on the counts' device, without a host read."""
+    check_tensor("counts", counts_E, ndim=1, dtypes=_INDEX_DTYPES)
+    return torch.cat([counts_E.new_zeros(1, dtype=torch.int64), counts_E.cumsum(0, dtype=torch.int64)])
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
 def experts_swiglu_grouped(
     x_ND: torch.Tensor,
     w_gate_EFD: torch.Tensor,
@@ -245,10 +255,12 @@ def experts_swiglu_grouped(
     """SwiGLU experts on rows already grouped by expert: rows [offsets[e], offsets[e+1]) go
     through expert e. Returns o_ND (x's dtype), one row per input row, zero past offsets[E].
 
-    offsets_E1: int64 (E+1,), non-decreasing from 0 to at most N. ``validate`` checks that (one
-    device-to-host read, a ValueError otherwise; skipped while compiling or capturing a CUDA
-    graph); without it, offsets are clamped on the device into a valid layout, never read past
-    the N rows. ``frozen_E`` and ``recompute_activations`` as in ``experts_swiglu``."""
+    offsets_E1: int64 or int32 (E+1,), non-decreasing from 0 to at most N (``offsets_from_counts``
+    builds them from per-expert counts). ``validate`` checks that (one device-to-host read, a
+    ValueError otherwise; skipped while compiling or capturing a CUDA graph); without it, offsets
+    are clamped on the device into a valid layout, never read past the N rows. The weights are
+    read through their strides, as views (an engine's flattened or transposed layout): no copy
+    is made. ``frozen_E`` and ``recompute_activations`` as in ``experts_swiglu``."""
     check_tensor("x", x_ND, ndim=2, dtypes=FLOAT_DTYPES)
     dev, dt = x_ND.device, x_ND.dtype
     for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
@@ -258,8 +270,9 @@ def experts_swiglu_grouped(
         raise ValueError(f"w_gate has width {D} but x has width {x_ND.shape[1]}")
     check_shape("w_up", w_up_EFD, (E, Fw, D))
     check_shape("w_down", w_down_EDF, (E, D, Fw))
-    check_tensor("offsets", offsets_E1, ndim=1, dtypes=(torch.int64,), device=dev)
+    check_tensor("offsets", offsets_E1, ndim=1, dtypes=_INDEX_DTYPES, device=dev)
     check_shape("offsets", offsets_E1, (E + 1,))
+    offsets_E1 = offsets_E1.to(torch.int64)  # E+1 values; a no-op for int64
     if frozen_E is not None:
         check_tensor("frozen", frozen_E, ndim=1, dtypes=(torch.bool,), device=dev)
         check_shape("frozen", frozen_E, (E,))
@@ -269,7 +282,6 @@ def experts_swiglu_grouped(
             raise ValueError(f"offsets {bad}")
     save = not recompute_activations and torch.is_grad_enabled() and any(
         t.requires_grad for t in (x_ND, w_gate_EFD, w_up_EFD, w_down_EDF))
-    o_ND, _, _ = _grouped_op(x_ND.contiguous(), w_gate_EFD.contiguous(), w_up_EFD.contiguous(),
-                             w_down_EDF.contiguous(), offsets_E1, frozen_E,
-                             _backend.requested(backend), save)
+    o_ND, _, _ = _grouped_op(x_ND.contiguous(), w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1,
+                             frozen_E, _backend.requested(backend), save)
     return o_ND
