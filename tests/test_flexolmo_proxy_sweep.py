@@ -55,6 +55,7 @@ def test_micro_proxy_sweep_pairs_with_the_runs_rows(tmp_path):
             assert set(row[key]) == set(sets) and all(math.isfinite(c["diff"]) for c in row[key].values())
         for owner, p in row["proxy"].items():
             assert p["proxy_bytes"] <= p["budget_bytes"] or p["proxy_docs"] == 1
+            assert sum(p["proxy_sources"].values()) == p["proxy_docs"] and p["proxy_tokens"] > 0
             if row["selection"] == "ranked":
                 assert p["proxy_bytes"] >= last.get(owner, 0)
                 last[owner] = p["proxy_bytes"]

@@ -51,7 +51,7 @@ class DemoConfig:
     eval_tokens: int = 4096         # held-out tokens per domain
     rt_steps: int = 20              # router tuning
     rt_proxy_docs: int = 4          # (unused since proxy sets are sized by rt_proxy_fraction)
-    rt_proxy_fraction: float = 0.01  # a proxy set holds at most this share of its owner's bytes
+    rt_proxy_fraction: float = 0.05  # a proxy set holds at most this share of its owner's bytes (defaults.py)
     rt_proxy_selection: str = "ranked"  # the top-scoring public documents, or "thresholded" (proxy.py)
     rt_public_docs: int = 16        # public documents sampled beside the proxy sets
     rt_lr: float = 2e-3

@@ -144,7 +144,7 @@ class ProxySet:
 
 
 def select_proxy_set(owner_emb_ND: torch.Tensor, public_emb_ND: torch.Tensor, public_docs: list[str],
-                     owner_docs: list[str], proxy_fraction: float = 0.01, l2: float = 1e-2,
+                     owner_docs: list[str], proxy_fraction: float = 0.05, l2: float = 1e-2,
                      selection: str = "ranked") -> ProxySet:
     """The owner's proxy set: public documents ranked by an owner-vs-public classifier.
 

@@ -70,6 +70,10 @@ def set_router(model, state: dict[str, torch.Tensor]) -> None:
         params[k].copy_(v)
 
 
+def _count(xs: list[str]) -> dict[str, int]:
+    return {x: xs.count(x) for x in sorted(set(xs))}
+
+
 def _cache(path) -> dict:
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -103,13 +107,16 @@ def proxy_sweep_stage(st: dict):
         tok = load_tokenizer(st["anchor_dir"] / "tokenizer.json")
         base = rt_config(cfg)
         public = corpora.public_docs()
+        sources = [s for s, docs in corpora.public.items() for _ in docs]  # as demo._rt_streams
         with timer("proxy sweep (proxy sets)"):
             rankings = owner_rankings(tok, public, corpora.owners, base)  # one fit per owner for every budget
         for p in todo:
             c = dataclasses.replace(base, proxy_fraction=p.fraction, proxy_selection=p.selection)
             streams, info = tuning_streams(tok, public, corpora.owners, c, rankings=rankings)
             cache["info"][p.key] = {n: {**{k: v for k, v in i.items() if k != "proxy_indices"},
-                                        "proxy_tokens": int(streams[n].numel())} for n, i in info.items()}
+                                        "proxy_tokens": int(streams[n].numel()),
+                                        "proxy_sources": _count([sources[j] for j in i["proxy_indices"]])}
+                                    for n, i in info.items()}
             if log:
                 print(f"== proxy sweep {p.label}: " + ", ".join(
                     f"{n} {i['proxy_docs']} docs {i['proxy_tokens']} tokens" for n, i in cache["info"][p.key].items()),
@@ -174,15 +181,20 @@ def _diff(c: dict) -> str:
 
 
 def proxy_size(row: dict) -> str:
-    """'docs / tokens per owner' (mean over owners)."""
-    p = list(row["proxy"].values())
-    return f"{sum(x['proxy_docs'] for x in p) / len(p):.1f} / {sum(x['proxy_tokens'] for x in p) / len(p):,.0f}"
+    """'docs / tokens per owner (share of the documents from the owner's own domain)', means over owners."""
+    p = row["proxy"]
+    text = (f"{sum(x['proxy_docs'] for x in p.values()) / len(p):.1f} / "
+            f"{sum(x['proxy_tokens'] for x in p.values()) / len(p):,.0f}")
+    if all("proxy_sources" in x for x in p.values()):  # the demo's owners are named by their domain
+        own = sum(x["proxy_sources"].get(n, 0) / x["proxy_docs"] for n, x in p.items()) / len(p)
+        text += f" ({own:.0%})"
+    return text
 
 
 def sweep_section(sweep: dict) -> list[str]:
     """Markdown: the sweep's tables (loss, minus no RT, minus BTM top-2, minus the run's RT)."""
     sets, rows = sweep["sets"], sweep["rows"]
-    head = "| proxy sets | docs / tokens per owner | " + " | ".join(sets) + " |"
+    head = "| proxy sets | docs / tokens per owner (own domain) | " + " | ".join(sets) + " |"
     rule = "|---|---|" + "---|" * len(sets)
     name = lambda r: f"**{r['label']}** (this run's)" if r["is_run"] else r["label"]  # noqa: E731
     out = ["## Proxy-set budget sweep", "",
@@ -226,7 +238,12 @@ def plot_sweep(sweep: dict, path) -> None:
             ax.plot([100 * r["fraction"]], [r["vs_no_rt"][s]["diff"]], marker="x", color=color, markersize=9,
                     linestyle="none", label=f"{s}: {r['selection']}")
     ax.axhline(0.0, color="k", linewidth=0.8)
+    run = next(r for r in sweep["rows"] if r["is_run"])
+    ax.axvline(100 * run["fraction"], color="gray", linestyle=":", linewidth=1, label=f"this run's: {run['label']}")
     ax.set_xscale("log")
+    ticks = sorted({100 * r["fraction"] for r in sweep["rows"]})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("proxy budget (% of each owner's bytes)")
     ax.set_ylabel("loss minus no RT (nats/token)")
     ax.set_title(f"Router tuning vs proxy budget, mean over {sweep['seeds']} seeds (95% intervals)")

@@ -35,7 +35,7 @@ class RouterTuningConfig:
     lr: float = 2e-3
     batch_size: int = 8
     seq_len: int | None = None     # default: the model's
-    proxy_fraction: float = 0.01   # a proxy set holds at most this share of its owner's bytes
+    proxy_fraction: float = 0.05   # a proxy set holds at most this share of its owner's bytes (defaults.py)
     public_docs: int = 32          # public documents sampled beside the proxy sets
     owner_embed_docs: int = 32     # owner documents embedded for its classifier
     embed_max_tokens: int = 128    # tokens per document the classifier sees
