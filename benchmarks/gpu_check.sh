@@ -7,7 +7,8 @@
 #
 # Files under $OUT (8 at most, as a lent machine returns): summary.txt, gpu_check.log (every
 # step's output), bench_moe.json, bench_moe.png, bench_suite.json (pytest-benchmark), tune.json
-# (per-kernel breakdown), traces.tar (gzipped Chrome traces, one per shape), tune_sweep.json.
+# (per-kernel breakdown), traces.tar (gzipped Chrome traces, one per shape, and
+# bench_engines.json: the engines' MoE step with and without flexkern), tune_sweep.json.
 # Every step has its own time limit; all of them stop by GPU_CHECK_TOTAL_S (default 470 s, ~8
 # minutes). A failed build only means the Triton/reference backends are used. Without a GPU the
 # GPU steps are skipped and the benchmarks run their small CPU smoke versions; --dry-run prints
@@ -15,7 +16,8 @@
 #
 # Knobs (environment): GPU_CHECK_TOTAL_S, GPU_CHECK_BENCH_BUDGET_S (layer benchmark, 110),
 # GPU_CHECK_SUITE_BUDGET_S (suite, 100), GPU_CHECK_SUITE_ROUNDS (10), GPU_CHECK_BREAKDOWN_SHAPES,
-# GPU_CHECK_SWEEP_SHAPES (qwen3; empty: no sweep), GPU_CHECK_BUILD=1 (build without a GPU too),
+# GPU_CHECK_SWEEP_SHAPES (qwen3; empty: no sweep), GPU_CHECK_ENGINE_SHAPES (olmoe,qwen3),
+# GPU_CHECK_BUILD=1 (build without a GPU too),
 # GPU_CHECK_TESTS=0 (no pytest -m gpu, for a short second try).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -139,6 +141,14 @@ step "layer benchmark (bench_moe --check, layer + routing)" 170 "$PY" -m benchma
     --budget-s "$(budget "${GPU_CHECK_BENCH_BUDGET_S:-110}")" \
     --json "$OUT/bench_moe.json" --png "$OUT/bench_moe.png"
 
+# ---- the training engines' MoE step with and without flexkern (OLMo-core, torchtitan) -------
+# Its JSON travels inside traces.tar (a lent machine returns 8 files); the table is in the log.
+mkdir -p "$WORK/traces"
+ENGINE_SHAPES=()
+[ "$HAS_GPU" = 1 ] && ENGINE_SHAPES=(--shapes "${GPU_CHECK_ENGINE_SHAPES:-olmoe,qwen3}")  # CPU: its tiny default
+step "engines benchmark (bench_engines: OLMo-core / torchtitan MoE step, own path vs flexkern)" 100 \
+    "$PY" -m benchmarks.bench_engines "${ENGINE_SHAPES[@]}" --json "$WORK/traces/bench_engines.json"
+
 # ---- the pytest-benchmark suite (the regression record between commits) ---------------------
 if [ "$HAS_PYTEST_BENCHMARK" = 1 ]; then
     ROUNDS="${GPU_CHECK_SUITE_ROUNDS:-10}"
@@ -152,7 +162,6 @@ else
 fi
 
 # ---- per-kernel breakdown and profiler traces, then one launch-config sweep ------------------
-mkdir -p "$WORK/traces"
 step "per-kernel breakdown + traces (tune_experts --breakdown-only)" 90 "$PY" -m benchmarks.tune_experts \
     --breakdown-only --shapes "${GPU_CHECK_BREAKDOWN_SHAPES:-olmoe,mixtral,flexolmo-7x7b,qwen3,mixtral-skew50,olmoe-drop50}" \
     --json "$OUT/tune.json" --trace-dir "$WORK/traces"
