@@ -248,3 +248,16 @@ def test_split_path_compiles_fullgraph():
     dy = torch.randn_like(y_eager)
     for a, b in zip(torch.autograd.grad(y_comp, args, dy), torch.autograd.grad(y_eager, args, dy)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_interpreter_says_when_numpy_is_too_new(monkeypatch):
+    """flexkern pins no numpy (an engine's newer numpy survives its install); the Triton CPU
+    interpreter, which needs numpy < 2.3, declines with a message saying so."""
+    triton_ops = pytest.importorskip("flexkern.triton.ops")
+    import numpy
+
+    check = triton_ops._interpreter_numpy_problem.__wrapped__
+    monkeypatch.setattr(numpy, "__version__", "2.3.1")
+    assert "numpy < 2.3" in check() and "2.3.1" in check()
+    monkeypatch.setattr(numpy, "__version__", "2.2.6")
+    assert check() is None

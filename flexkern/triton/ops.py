@@ -25,6 +25,8 @@ x and the dispatch tensors must be contiguous (the op makes them so).
 """
 from __future__ import annotations
 
+import functools
+
 import os
 import warnings
 
@@ -135,6 +137,19 @@ def _span(w: torch.Tensor) -> int:
     return 1 + sum((n - 1) * st for n, st in zip(w.shape[1:], w.stride()[1:]))
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_numpy_problem() -> str | None:
+    """The Triton interpreter (CPU) needs numpy < 2.3; flexkern itself does not pin numpy, so an
+    engine's newer numpy survives its install (``pip install 'flexkern[test]'`` pins it)."""
+    import numpy
+
+    major, minor = (int(p) for p in numpy.__version__.split(".")[:2])
+    if (major, minor) >= (2, 3):
+        return (f"the Triton interpreter needs numpy < 2.3, found {numpy.__version__} "
+                "(pip install 'numpy<2.3', or run on a GPU)")
+    return None
+
+
 def supports_experts(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_of_row_N,
                      slot_of_row_N, row_of_slot_TK, weights_TK, frozen_E, sync_free=None, *,
                      save_activations=False, **_):
@@ -142,8 +157,12 @@ def supports_experts(x_TD, w_gate_EFD, w_up_EFD, w_down_EDF, offsets_E1, token_o
     dt = x_TD.dtype
     if dt not in _KERNEL_DTYPES:
         return f"{str(dt).replace('torch.', '')} is not supported (tl.dot has no float64 path)"
-    if dt == torch.bfloat16 and x_TD.device.type == "cpu" and interpreting():
-        return "bfloat16 is computed wrongly by the Triton interpreter (use float32/float16 or a GPU)"
+    if x_TD.device.type == "cpu" and interpreting():
+        if dt == torch.bfloat16:
+            return "bfloat16 is computed wrongly by the Triton interpreter (use float32/float16 or a GPU)"
+        too_new = _interpreter_numpy_problem()
+        if too_new:
+            return too_new
     for name, w in (("w_gate", w_gate_EFD), ("w_up", w_up_EFD), ("w_down", w_down_EDF)):
         if _span(w) > _SPAN_LIMIT:
             return f"one expert's {name} spans {_span(w)} >= 2^31 elements"
