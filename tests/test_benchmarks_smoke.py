@@ -71,3 +71,18 @@ def test_routing_json_and_png(smoke):
 def test_unknown_shape_is_rejected():
     with pytest.raises(ValueError, match="unknown shape"):
         shapes.select(shapes.CPU_SHAPES, "no-such-shape")
+
+
+def test_bench_engines_cpu_smoke(tmp_path):
+    """The engines benchmark: both paths run for every installed engine, side by side."""
+    from benchmarks import bench_engines
+
+    engines = [e for e in bench_engines.ENGINES if bench_engines.installed(e)]
+    if not engines:
+        pytest.skip("no training engine installed (pip install 'flexkern[olmo-core,torchtitan]')")
+    assert bench_engines.main(["--dry-run"]) == 0
+    assert bench_engines.main(["--shapes", "tiny", "--json", str(tmp_path / "e.json")]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())["engines"]
+    assert {(r["engine"], r["path"]) for r in rows} == {(e, p) for e in engines for p in ("engine", "flexkern")}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
+    assert all("speedup" in r for r in rows if r["path"] == "flexkern")
