@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 from safetensors import safe_open  # noqa: E402
 
 from flexkern.flexolmo import hf  # noqa: E402
+from hf_tiny import check_vs_transformers  # noqa: E402
 from flexkern.flexolmo.checkpoint import CheckpointError, write_model_dir  # noqa: E402
 from flexkern.flexolmo.merge import load_model, mask_experts  # noqa: E402
 from flexkern.flexolmo.model import FlexOlmoLM, ModelConfig, anchor_fingerprint  # noqa: E402
@@ -233,24 +234,12 @@ def _saved_flexolmo(path, tok_path, tied=False, dtype=torch.float32, vocab_pad=0
     return model
 
 
-def _check_vs_transformers(model, ref, ids):
-    """flexkern's error (fp32) vs transformers in fp64 <= 2 x transformers' own fp32 error + a few ulps."""
-    ref.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
-    with torch.no_grad():
-        got, want = model(ids), ref(ids).logits
-        oracle = ref.double()(ids).logits
-    ref.float()
-    floor = 8 * torch.finfo(torch.float32).eps * oracle.abs().max().item()
-    err, own = (got.double() - oracle).abs().max().item(), (want.double() - oracle).abs().max().item()
-    assert err <= 2 * own + floor, f"flexkern error {err:.3g} vs transformers' own {own:.3g} (floor {floor:.3g})"
-
-
 def test_import_saved_flexolmo_same_logits(tmp_path, tok_path):
     ref = _saved_flexolmo(tmp_path / "hf", tok_path)
     out = hf.import_hf(tmp_path / "hf", tmp_path / "fk")
     model, names = load_model(out)
     assert names == ["public", "expert_1", "expert_2"]
-    _check_vs_transformers(model, ref, _ids(model.config))
+    check_vs_transformers(model, ref, _ids(model.config))
     assert all(not m.router.bias.detach().any() for m in model.moe_layers())
     info = json.loads((out / "experts.json").read_text())
     assert info["hf_import"]["dtype"] == "float32"
@@ -261,7 +250,7 @@ def test_import_tied_embeddings(tmp_path, tok_path):
     assert "lm_head.weight" not in _safetensors(tmp_path / "hf")
     model, _, _ = hf.load_hf(tmp_path / "hf")
     assert torch.equal(model.lm_head.weight, model.embed.weight)
-    _check_vs_transformers(model, ref, _ids(model.config))
+    check_vs_transformers(model, ref, _ids(model.config))
 
 
 def test_import_fused_names(tmp_path, tok_path):
@@ -383,7 +372,7 @@ def test_import_padded_vocabulary(tmp_path, tok_path):
     text = "def f7(x): return x * 7  # the quick brown fox"
     assert tok.encode(text).ids == orig.encode(text).ids
     assert json.loads((out / "experts.json").read_text())["hf_import"]["tokenizer_placeholders"] == 5
-    _check_vs_transformers(model, ref, torch.randint(0, V, (2, 9)))
+    check_vs_transformers(model, ref, torch.randint(0, V, (2, 9)))
     again = _safetensors(hf.export_hf(out, tmp_path / "hf2"))
     first = _safetensors(tmp_path / "hf")
     assert first.keys() == again.keys() and all(_bits_equal(first[k], again[k]) for k in first)
