@@ -100,8 +100,7 @@ class ExpertParallelMoE(FlexMoE):
         for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        self._set_gating(num_experts, top_k, renormalize, mask_mode, scoring, n_group, topk_group, routed_scaling)
         if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1):
             raise ValueError(f"capacity must be None (exact exchange) or a positive int, got {capacity!r}")
         if not dist.is_initialized():
@@ -116,9 +115,8 @@ class ExpertParallelMoE(FlexMoE):
         self.local_start, self.local_end = starts[self.rank], starts[self.rank + 1]
         self.capacity = capacity
         factory = {"device": device, "dtype": dtype}
-        self.d_model, self.d_ff, self.top_k = d_model, d_ff, top_k
+        self.d_model, self.d_ff = d_model, d_ff
         self.backend = backend
-        self._set_gating(num_experts, renormalize, mask_mode, scoring, n_group, topk_group, routed_scaling)
         self.recompute_activations = recompute_activations
         self.router = Router(d_model, num_experts, router_bias, **factory)
         self.experts = Experts(d_model, d_ff, self.local_end - self.local_start, **factory)

@@ -124,13 +124,11 @@ class FlexMoE(nn.Module):
         for name, v in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-        factory = {"device": device, "dtype": dtype}
-        self.d_model, self.d_ff, self.top_k = d_model, d_ff, top_k
-        self.backend = backend
-        self._set_gating(num_experts, renormalize, mask_mode, scoring, n_group, topk_group,
+        self._set_gating(num_experts, top_k, renormalize, mask_mode, scoring, n_group, topk_group,
                          routed_scaling)
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_ff = d_model, d_ff
+        self.backend = backend
         # False: keep the experts' gate/up pre-activations for the backward (faster);
         # True: recompute them there (2·T·K·d_ff fewer elements held between forward and backward).
         self.recompute_activations = recompute_activations
@@ -138,12 +136,13 @@ class FlexMoE(nn.Module):
         self.experts = Experts(d_model, d_ff, num_experts, **factory)
         self._init_shared_and_state(num_experts, score_bias, shared_d_ff, shared_gate, factory)
 
-    def _set_gating(self, num_experts, renormalize, mask_mode, scoring, n_group, topk_group,
+    def _set_gating(self, num_experts, top_k, renormalize, mask_mode, scoring, n_group, topk_group,
                     routed_scaling) -> None:
-        """Check and keep the routing settings (shared with ExpertParallelMoE)."""
+        """Check and keep top_k and the routing settings (shared with ExpertParallelMoE)."""
+        check_gating(num_experts, top_k, scoring, n_group, topk_group, routed_scaling)
         if mask_mode not in ("reroute", "drop"):
             raise ValueError(f"mask_mode must be 'reroute' or 'drop', got {mask_mode!r}")
-        check_gating(num_experts, self.top_k, scoring, n_group, topk_group, routed_scaling)
+        self.top_k = top_k
         self.renormalize, self.mask_mode, self.scoring = bool(renormalize), mask_mode, scoring
         self.n_group, self.topk_group, self.routed_scaling = n_group, topk_group, float(routed_scaling)
 
