@@ -92,6 +92,20 @@ def install(name: str, module: nn.Module, forward, engine_forward) -> bool:
     return True
 
 
+def install_all(targets, forwards, unsupported_reason, backend) -> None:
+    """An engine's ``use_flexkern``: every (name, module) in ``targets`` gets flexkern's forward,
+    or, if any cannot, none does (the first refusal is raised before anything changes).
+    ``forwards(module)`` -> (flexkern's forward, the engine's forward it replaces);
+    ``unsupported_reason(module)`` -> why the engine module cannot run on flexkern, or None."""
+    for name, m in targets:
+        reason = unsupported_reason(m) or install_problem(m, forwards(m)[1])
+        if reason is not None:
+            refuse(name, m, reason)
+    for name, m in targets:
+        m.flexkern_backend = backend
+        install(name, m, *forwards(m))
+
+
 def _redirect(wrapped, module: nn.Module, engine_forward, forward, depth: int = 0,
               dry_run: bool = False) -> bool:
     """Point every reference to ``module``'s bound engine forward inside the instance-level

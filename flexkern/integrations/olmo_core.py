@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .engines import UnsupportedModuleError, grouped_swiglu, install, install_problem, installed, refuse
+from .engines import UnsupportedModuleError, grouped_swiglu, install_all, installed
 
 try:
     from olmo_core.distributed.utils import get_local_tensor
@@ -102,14 +102,7 @@ def use_flexkern(module: nn.Module, *, backend: str | None = None) -> nn.Module:
         raise UnsupportedModuleError(
             f"no OLMo-core DroplessMoEMLP or MoEMLP in {type(module).__name__} (OLMo-core's v2 "
             "routed experts are not supported)")
-    for name, m in targets:
-        reason = unsupported_reason(m) or install_problem(m, _engine(m).forward)
-        if reason is not None:
-            refuse(name, m, reason)
-    for name, m in targets:
-        engine = _engine(m)
-        m.flexkern_backend = backend
-        install(name, m, _FORWARDS[engine], engine.forward)
+    install_all(targets, lambda m: (_FORWARDS[_engine(m)], _engine(m).forward), unsupported_reason, backend)
     return module
 
 

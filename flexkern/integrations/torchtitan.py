@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .engines import UnsupportedModuleError, grouped_swiglu, install, install_problem, installed, refuse
+from .engines import UnsupportedModuleError, grouped_swiglu, install_all, installed
 
 try:
     from torch.distributed.tensor import DTensor
@@ -75,13 +75,7 @@ def use_flexkern(module: nn.Module, *, backend: str | None = None) -> nn.Module:
     targets = [(name, m) for name, m in module.named_modules() if isinstance(m, GroupedExperts)]
     if not targets:
         raise UnsupportedModuleError(f"no torchtitan GroupedExperts in {type(module).__name__}")
-    for name, m in targets:
-        reason = unsupported_reason(m) or install_problem(m, GroupedExperts.forward)
-        if reason is not None:
-            refuse(name, m, reason)
-    for name, m in targets:
-        m.flexkern_backend = backend
-        install(name, m, grouped_experts_forward, GroupedExperts.forward)
+    install_all(targets, lambda m: (grouped_experts_forward, GroupedExperts.forward), unsupported_reason, backend)
     return module
 
 
