@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-row-from", default=None, metavar="MODEL",
                    help="OLMo-2: take the public router row from this flexkern model directory instead "
                         "(default: none)")
-    p.add_argument("--embed-method", default="anchor", choices=("anchor", "minilm"),
+    p.add_argument("--embed-method", default="anchor", choices=EMBED_METHODS,
                    help="OLMo-2 with --public: embed documents with the model's own mean-pooled hidden states, "
                         "or MiniLM (only when d_model is 384); owners' rows then use the same")
     p.add_argument("--embed-docs", type=POS_INT, default=256, help="OLMo-2 with --public: documents embedded")

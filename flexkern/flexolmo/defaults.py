@@ -45,7 +45,7 @@ class DemoDefaults:
     embed_method: str = "minilm"
     public_share: float = 0.08      # of every owner domain's training documents, made public
     # a proxy set holds at most this share of its owner's bytes; 5%: the lowest held-out and mixed-domain
-    # loss of `flexkern demo --seeds 3 --variant proxy-sweep` (results/demo-tiny-cpu-proxy-sweep/). The
+    # loss of `flexkern demo --seeds 3 --variant proxy-sweep` (results/demo-tiny-cpu-3seeds/). The
     # paper's << 1% assumes owners with billions of tokens; here 1% is about 5 documents per owner.
     rt_proxy_fraction: float = 0.05
     rt_proxy_selection: str = "ranked"  # one of PROXY_SELECTIONS

@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from .checkpoint import (CONFIG_FILE, TOKENIZER_FILE, claim_output, read_json, read_public_embedding,
                          write_model_dir)
+from .defaults import EMBED_METHODS
 from .hf_format import (ARCHITECTURES, FLEXKERN_FILE, INDEX_FILE, PROJ, WEIGHTS_FILE, HFFormatError,
                         flexkern_config, model_type, shared_names, shared_shapes)
 from .merge import PUBLIC
@@ -39,7 +40,6 @@ from .tokenizer import load_tokenizer
 
 IMPORT_FILE = "hf_import.json"  # an imported anchor's notes (source, dtype, how r_pub was made)
 PLACEHOLDER = "<|flexkern_unused_{}|>"
-EMBED_METHODS = ("anchor", "minilm")
 MINILM_WIDTH = 384
 _FLOAT = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .defaults import PROXY_SELECTIONS
+from .defaults import DEMO, PROXY_SELECTIONS
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,8 @@ class ProxySet:
 
 
 def select_proxy_set(owner_emb_ND: torch.Tensor, public_emb_ND: torch.Tensor, public_docs: list[str],
-                     owner_docs: list[str], proxy_fraction: float = 0.05, l2: float = 1e-2,
-                     selection: str = "ranked") -> ProxySet:
+                     owner_docs: list[str], proxy_fraction: float = DEMO.rt_proxy_fraction, l2: float = 1e-2,
+                     selection: str = DEMO.rt_proxy_selection) -> ProxySet:
     """The owner's proxy set: public documents ranked by an owner-vs-public classifier.
 
     ``owner_emb_ND``: embeddings of (a sample of) the owner's documents, computed on its side.

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..nn import Z_LOSS_WEIGHT
+from .defaults import DEMO
 from .embed import embed_texts, minilm_available, minilm_embed, sample_documents
 from .model import FlexOlmoLM, lm_loss
 from .proxy import Ranking, proxy_budget, rank_public, select_from_ranking, selection_min_score
@@ -35,13 +36,13 @@ class RouterTuningConfig:
     lr: float = 2e-3
     batch_size: int = 8
     seq_len: int | None = None     # default: the model's
-    proxy_fraction: float = 0.05   # a proxy set holds at most this share of its owner's bytes (defaults.py)
+    proxy_fraction: float = DEMO.rt_proxy_fraction  # a proxy set holds at most this share of its owner's bytes
     public_docs: int = 32          # public documents sampled beside the proxy sets
     owner_embed_docs: int = 32     # owner documents embedded for its classifier
     embed_max_tokens: int = 128    # tokens per document the classifier sees
     # "ranked": the top-scoring public documents (the paper's); "thresholded": only those the
     # classifier puts on the owner's side (proxy.PROXY_SELECTIONS)
-    proxy_selection: str = "ranked"
+    proxy_selection: str = DEMO.rt_proxy_selection
     seed: int = 0
 
     def __post_init__(self):
