@@ -148,3 +148,24 @@ def test_import_hf_command_olmo2(tmp_path, tok_path, public_dir, capsys):
     save_with_tokenizer(flexolmo(tok_path), tmp_path / "flex", tok_path)
     assert main(["import-hf", str(tmp_path / "flex"), "--out", str(tmp_path / "m"), "--public", str(public_dir)]) == 2
     assert "carries its public router row" in capsys.readouterr().err
+
+
+def test_import_olmo2_leaves_what_it_did_not_create(tmp_path, tok_path, public_dir):
+    """An anchor import never deletes or overwrites a folder it did not write, nor its inputs."""
+    from flexkern.flexolmo.checkpoint import CheckpointError
+
+    save_with_tokenizer(olmo2(tok_path), tmp_path / "hf", tok_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a flexkern artifact"):
+        hf.import_hf(tmp_path / "hf", mine, public=[public_dir], overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(CheckpointError):  # the output may not be (inside) an input
+        hf.import_hf(tmp_path / "hf", public_dir / "anchor", public=[public_dir])
+    assert not (public_dir / "anchor").exists()
+    anchor = hf.import_hf(tmp_path / "hf", tmp_path / "anchor", public=[public_dir])
+    before = {p.name: p.read_bytes() for p in anchor.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError):  # --public-row-from the output itself: refused, nothing changed
+        hf.import_hf(tmp_path / "hf", anchor, public_row_from=anchor, overwrite=True)
+    assert {p.name: p.read_bytes() for p in anchor.iterdir() if p.is_file()} == before
